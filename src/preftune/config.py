@@ -1,0 +1,224 @@
+"""Strict, typed configuration.
+
+Every option has its default here and nowhere else. A YAML file and ``dotted.key=value`` overrides are
+merged onto the defaults; an unknown key or a value of the wrong type fails *before* any model loads,
+naming the key. The resolved config is saved into every run directory (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, named by its dotted key."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # preference pairs (or SFT examples): .jsonl[.gz] .json .csv .parquet or a datasets dir
+    eval: str | None = None  # held-out pairs; when unset, `eval_fraction` of train is held out
+    eval_fraction: float = 0.0
+    max_length: int = 512  # bound on prompt + response tokens, per sequence
+    max_prompt_tokens: int = 256  # longer prompts keep their END (the part next to the response)
+    prompt_overflow: str = "truncate"  # truncate | error: a prompt over max_prompt_tokens is cut or is an error
+    append_eos: bool = True  # false: responses carry their own end marker (sampled text that kept its EOS)
+    on_invalid: str = "error"  # error | skip: a malformed record stops the run (exit 2) or is skipped and counted
+    limit: int | None = None  # read at most this many records (quick experiments)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # pairs (DPO) or examples (SFT) per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum_steps
+    lr: float = 5e-6
+    optimizer: str = "rmsprop"  # rmsprop (the DPO paper's choice) | adamw
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None  # None: the paper's 150 steps, scaled to the run (at most 10% of max_steps)
+    schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    max_grad_norm: float = 10.0  # the paper's value; 0 disables clipping
+    seed: int = 0  # fixes initialisation (tiny model), data order and sampling
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 16
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast for the transformer body; log-probs are always fp32)
+    num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    progress: bool = True  # live progress bar
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (cDPO): assumed probability that a label is flipped
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "model"  # model: a frozen copy of `ref_model` (or of `model` when unset)
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # default: runs/<command>-<timestamp>
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m"  # alias (smollm2-135m, tiny), local HF dir, .gguf file, or hub id
+    ref_model: str | None = None  # the reference; defaults to `model` (loaded separately, frozen)
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.prompt_overflow": ("truncate", "error"),
+    "data.on_invalid": ("error", "skip"),
+    "train.optimizer": ("rmsprop", "adamw"),
+    "train.schedule": ("constant", "cosine", "linear"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "reference.mode": ("model",),
+}
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` coerced to `annotation` (int -> float only), or raise ConfigError naming `key`."""
+    hint = annotation
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        hint = non_none[0] if len(non_none) == 1 else hint
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"config key '{key}': expected {hint.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested dict onto a dataclass instance in place, strictly."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {updates!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(prefix + f for f in fields)
+            raise ConfigError(f"unknown config key '{key}' (known: {known})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name]))
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    d, t = cfg.data, cfg.train
+    if d.max_prompt_tokens >= d.max_length:
+        raise ConfigError("config key 'data.max_prompt_tokens' must be below 'data.max_length' (responses need room)")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
+    for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)):
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError("config key 'dpo.beta' must be > 0")
+
+
+def _field_hint(cfg: Config, key: str) -> Any:
+    """The declared type of a dotted key, or None when the key does not exist (reported later)."""
+    obj: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            return None
+    return typing.get_type_hints(type(obj)).get(parts[-1]) if dataclasses.is_dataclass(obj) else None
+
+
+def parse_override(text: str, cfg: Config | None = None) -> tuple[str, Any]:
+    """``"dpo.beta=0.05"`` -> ``("dpo.beta", 0.05)``. Values parse as YAML scalars, except that a
+    string-typed key keeps the raw text (``data.train=123.jsonl`` stays a string); ``null`` means None."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    hint = _field_hint(cfg or Config(), key)
+    if raw.lower() in ("null", "none", "~"):
+        return key, None
+    if hint is not None and str in (typing.get_args(hint) or (hint,)):
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key, raw
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, strictly checked."""
+    cfg = base if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        _merge(cfg, loaded)
+    for text in overrides:
+        key, value = parse_override(text, cfg)
+        _merge(cfg, _nest(key, value))
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,134 @@
+"""Tokenisation of prompts and responses: one set of rules for training, evaluation and sampling.
+
+- The prompt is tokenised ONCE per pair; chosen and rejected are appended to the identical prompt tokens.
+- Plain strings: the tokenizer's special tokens are added to the prompt (BOS where the model uses one),
+  never to the response; a doubled BOS is collapsed. Conversations: the chat template renders the prompt
+  with the generation prompt, and the response is the template's rendering of prompt + response minus
+  the rendered prompt (checked to be a prefix; no special tokens added on top of the template's).
+- Every response ends with the EOS token unless truncation cut it (a cut response must not claim to end).
+- Truncation is explicit: prompts over ``max_prompt_tokens`` keep their end (or are an error), responses
+  are cut to fit ``max_length``; a response is never cut to nothing because the prompt budget leaves room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from preftune.data.records import DataError, PreferencePair, SFTExample
+
+Text = str | list
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    source: str
+
+
+@dataclass
+class TruncationStats:
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    examples: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.examples} examples: {self.prompts_truncated} prompts kept their last tokens, "
+                f"{self.responses_truncated} responses cut to fit max_length")
+
+
+def _render_prompt(tokenizer, prompt: Text) -> str | None:
+    if isinstance(prompt, str):
+        return None
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: Text) -> list[int]:
+    """Token ids of a prompt, exactly as training sees them (also used for sampling)."""
+    rendered = _render_prompt(tokenizer, prompt)
+    if rendered is None:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return list(ids)
+
+
+def encode_response(tokenizer, prompt: Text, response: Text, *, append_eos: bool = True) -> list[int]:
+    """Token ids of a response that follows `prompt`, ending with EOS (unless ``append_eos`` is False:
+    then a string response ends as written, e.g. a sampled completion cut by a length limit)."""
+    eos = tokenizer.eos_token_id
+    if isinstance(response, str):
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    else:
+        prompt_text = _render_prompt(tokenizer, prompt)
+        full = tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=False)
+        if prompt_text is None or not full.startswith(prompt_text):
+            raise ValueError("chat template is not prefix-consistent: the rendered prompt is not a prefix "
+                             "of the rendered prompt + response")
+        ids = list(tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"])
+        # ChatML-style templates end a turn with "<|im_end|>\n": the turn ends at EOS, drop what follows.
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos) + 1]
+    if append_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+def _fit_prompt(ids: list[int], limit: int, tokenizer, overflow: str, source: str,
+                stats: TruncationStats) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    if overflow == "error":
+        file, _, line = source.rpartition(":")
+        raise DataError(file, int(line) if line.isdigit() else None, "prompt",
+                        f"prompt has {len(ids)} tokens, over data.max_prompt_tokens={limit}")
+    stats.prompts_truncated += 1
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[0] == bos:
+        return [bos] + ids[len(ids) - limit + 1:]
+    return ids[len(ids) - limit:]
+
+
+def _fit_response(ids: list[int], budget: int, stats: TruncationStats) -> list[int]:
+    if len(ids) <= budget:
+        return ids
+    stats.responses_truncated += 1
+    return ids[:budget]
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_tokens: int,
+                  prompt_overflow: str = "truncate", append_eos: bool = True,
+                  stats: TruncationStats | None = None) -> TokenizedPair:
+    stats = stats if stats is not None else TruncationStats()
+    stats.examples += 1
+    prompt_ids = _fit_prompt(encode_prompt(tokenizer, pair.prompt), max_prompt_tokens, tokenizer,
+                             prompt_overflow, pair.source, stats)
+    budget = max_length - len(prompt_ids)
+    chosen = _fit_response(encode_response(tokenizer, pair.prompt, pair.chosen, append_eos=append_eos), budget, stats)
+    rejected = _fit_response(encode_response(tokenizer, pair.prompt, pair.rejected, append_eos=append_eos),
+                             budget, stats)
+    return TokenizedPair(prompt_ids, chosen, rejected, pair.source)
+
+
+def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_prompt_tokens: int,
+                     prompt_overflow: str = "truncate", append_eos: bool = True,
+                     stats: TruncationStats | None = None) -> TokenizedExample:
+    stats = stats if stats is not None else TruncationStats()
+    stats.examples += 1
+    prompt_ids = _fit_prompt(encode_prompt(tokenizer, example.prompt), max_prompt_tokens, tokenizer,
+                             prompt_overflow, example.source, stats)
+    completion = _fit_response(encode_response(tokenizer, example.prompt, example.completion, append_eos=append_eos),
+                               max_length - len(prompt_ids), stats)
+    return TokenizedExample(prompt_ids, completion, example.source)

@@ -1,0 +1,70 @@
+"""Plots written into run directories (matplotlib, Agg backend: no display needed).
+
+The DPO panel shows BOTH log-prob curves: under DPO the chosen and the rejected log-probs often both fall
+while their margin grows. That is expected (the loss only sees the difference of log-ratios), not a bug,
+and it is why we plot them side by side instead of only the margin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_PANELS = {
+    "dpo": [("loss", ["loss", "eval/loss"]),
+            ("rewards (β-scaled log-ratios)", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+            ("preference accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]),
+            ("policy log-probs (both may fall)", ["logps/chosen", "logps/rejected"])],
+    "sft": [("loss (NLL per token)", ["loss", "eval/loss"]), ("learning rate", ["lr"])],
+}
+
+
+def plot_training(rows: list[dict[str, Any]], path: Path, *, kind: str = "dpo") -> Path | None:
+    panels = _PANELS[kind]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, keys) in zip(axes if len(panels) > 1 else [axes], panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, ms=3, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_demo(summary: dict[str, Any], scores: dict[str, list[list[float]]], path: Path) -> Path:
+    """Left: oracle reward against KL(π‖π_ref) for reference (KL 0) and policy, as in the paper's frontier
+    plot, with 95% intervals. Right: the distribution of oracle scores of both models' held-out samples."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.errorbar([0.0], [summary["reference_reward"]], yerr=[summary["reference_reward_ci95"]], fmt="o",
+                 color="tab:gray", capsize=4, label="reference")
+    ax1.errorbar([summary["kl"]], [summary["policy_reward"]], yerr=[summary["policy_reward_ci95"]],
+                 xerr=[summary["kl_ci95"]], fmt="o", color="tab:blue", capsize=4, label=f"DPO β={summary['beta']}")
+    ax1.set_xlabel("KL(π ‖ π_ref), nats per sample")
+    ax1.set_ylabel("oracle reward (P[positive])")
+    ax1.set_title("reward vs KL on held-out prompts", fontsize=10)
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    bins = [i / 20 for i in range(21)]
+    ax2.hist(scores["sentiment"][0], bins=bins, alpha=0.55, label="reference", color="tab:gray")
+    ax2.hist(scores["sentiment"][1], bins=bins, alpha=0.55, label="DPO policy", color="tab:blue")
+    ax2.set_xlabel("oracle score of a sample")
+    ax2.set_title("held-out sample scores", fontsize=10)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

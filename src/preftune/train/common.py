@@ -1,0 +1,68 @@
+"""Pieces shared by the run_* functions: device and precision choice, data loading, saving the model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from preftune.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """``auto``: bf16 autocast on a GPU that supports it, fp32 elsewhere. Log-probs are fp32 regardless."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where autocast roughly halves a step."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def setup_threads(cfg: Config) -> None:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a deterministic ``fraction`` of ``items`` for evaluation."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    gen = torch.Generator().manual_seed(seed + 17)
+    perm = torch.randperm(len(items), generator=gen).tolist()
+    n_eval = max(1, int(round(fraction * len(items))))
+    held = set(perm[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def save_model(model: torch.nn.Module, tokenizer, path: Path) -> Path:
+    """HF-format safetensors directory, written atomically (temporary directory, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,229 @@
+"""One explicit training loop for SFT, DPO and reward training.
+
+``fit`` owns accumulation, clipping, the schedule, the log/eval/save cadence, resume and metrics. What a
+step computes is the caller's ``step_fn``; the loop never branches on what is being trained.
+
+Exact averages under gradient accumulation: all micro-batches of an optimizer step are fetched first, the
+step's total weight W (pairs for DPO, completion tokens for SFT) is counted, and each micro-batch's SUMMED
+loss is divided by W before backward. So 1 micro-batch of 8 and 8 micro-batches of 1 give the same
+gradient, and a mean over tokens is a mean over all tokens of the step, not a mean of means. Metrics are
+(sum, count) pairs accumulated as tensors and divided once per log step; an accuracy cannot exceed 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from preftune import faults
+from preftune.config import TrainConfig
+from preftune.models.logprobs import autocast_context
+from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.rundir import MetricsWriter
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (sum, count)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar: loss SUMMED over this micro-batch's units (pairs or tokens)
+    stats: Stats = field(default_factory=dict)
+    tokens: int = 0  # policy tokens processed (for tokens_per_s)
+    pairs: int = 0  # pairs or examples processed (for pairs_per_s)
+
+
+class DataOrder:
+    """Deterministic shuffled order over ``n`` items: epoch e uses a permutation seeded by (seed, e).
+    Its state (epoch, position) is saved in checkpoints, so a resumed run sees the same batches."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise ValueError("no training examples")
+        self.n, self.seed, self.epoch, self.position = n, seed, 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = min(k - len(out), self.n - self.position)
+            out += self._perm[self.position: self.position + take]
+            self.position += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._perm = self._permutation()
+
+
+def resolved_warmup(cfg: TrainConfig) -> int:
+    """The paper's 150 warm-up steps, scaled down to short runs (at most 10% of the steps)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return min(150, max(1, cfg.max_steps // 10))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    warmup = resolved_warmup(cfg)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _reduce(stats: Stats) -> dict[str, float]:
+    """The single sync point: (sum, count) tensors -> floats."""
+    return {name: (s / c.clamp(min=1)).item() for name, (s, c) in stats.items()}
+
+
+def _add(acc: Stats, new: Stats) -> None:
+    for name, (s, c) in new.items():
+        if name in acc:
+            acc[name] = (acc[name][0] + s.detach(), acc[name][1] + c)
+        else:
+            acc[name] = (s.detach().clone(), c.clone() if isinstance(c, torch.Tensor) else torch.tensor(c))
+
+
+@dataclass
+class FitResult:
+    step: int
+    last_metrics: dict[str, float]
+    last_eval: dict[str, float]
+
+
+def fit(
+    *,
+    model: torch.nn.Module,
+    items: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    step_fn: Callable[[dict[str, torch.Tensor]], StepOutput],
+    weight_fn: Callable[[dict[str, torch.Tensor]], float],
+    cfg: TrainConfig,
+    run_dir: Path,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+    resume: bool = False,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+) -> FitResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    order = DataOrder(len(items), cfg.seed)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    step = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        step = state["step"]
+        order.load(state["data"])
+        metrics.truncate_after(step)
+    elif resume:
+        metrics.truncate_after(0)
+    model.train()
+    progress = _progress(cfg, step)
+    acc: Stats = {}
+    window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
+    last: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    try:
+        while step < cfg.max_steps:
+            micro = [collate([items[i] for i in order.take(cfg.batch_size)]) for _ in range(cfg.grad_accum_steps)]
+            total_weight = float(sum(weight_fn(b) for b in micro))
+            for batch in micro:
+                with autocast_context(device, precision):
+                    out = step_fn({k: v.to(device) for k, v in batch.items()})
+                (out.loss / max(total_weight, 1.0)).backward()
+                _add(acc, out.stats)
+                window["tokens"] += out.tokens
+                window["pairs"] += out.pairs
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            faults.set_step(step)
+            _add(acc, {"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = max(time.perf_counter() - window["t"], 1e-9)
+                last = _reduce(acc)
+                last.update(lr=lr, pairs_per_s=window["pairs"] / elapsed, tokens_per_s=window["tokens"] / elapsed)
+                metrics.write({"step": step, "epoch": order.epoch, **last})
+                acc = {}
+                window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
+                progress.set(step, last)
+            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+                last_eval = _run_eval(eval_fn, metrics, step, model)
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                trainer_state={"data": order.state()}, keep=cfg.keep_checkpoints)
+            faults.maybe_fault("after_step")
+        if eval_fn is not None:
+            last_eval = _run_eval(eval_fn, metrics, step, model)
+        save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        trainer_state={"data": order.state()}, keep=cfg.keep_checkpoints)
+    finally:
+        progress.close()
+        metrics.close()
+    return FitResult(step=step, last_metrics=last, last_eval=last_eval)
+
+
+def _run_eval(eval_fn: Callable[[], dict[str, float]], metrics: MetricsWriter, step: int,
+              model: torch.nn.Module) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        result = {f"eval/{k}": v for k, v in eval_fn().items()}
+    model.train()
+    metrics.write({"step": step, **result})
+    return result
+
+
+class _progress:
+    """A live tqdm bar showing the step and the headline metrics (off when ``train.progress=false``)."""
+
+    def __init__(self, cfg: TrainConfig, start: int):
+        self.bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.last = start
+
+    def set(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.last)
+        self.last = step
+        shown = {k.split("/")[-1] if k != "loss" else k: f"{v:.3g}" for k, v in metrics.items()
+                 if k in ("loss", "rewards/accuracies", "rewards/margins")}
+        self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,104 @@
+"""``preftune sft``: supervised fine-tuning on completions (the paper's Preferred-FT when given pairs:
+it trains on the chosen responses), which makes the reference model when none exists.
+
+The loss is the mean negative log-likelihood over ALL completion tokens of an optimizer step (the loop
+divides the summed NLL by the step's token count), so gradient accumulation does not change it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from preftune.config import Config
+from preftune.errors import InputError
+from preftune.data.collate import collate_examples
+from preftune.data.records import read_sft_examples
+from preftune.data.tokenize import TokenizedExample, TruncationStats, tokenize_example
+from preftune.models.load import load_causal_lm, load_tokenizer
+from preftune.models.logprobs import sequence_logps
+from preftune.train.common import pick_device, resolve_precision, save_model, setup_threads, split_eval
+from preftune.train.loop import StepOutput, fit
+from preftune.train.rundir import make_run_dir, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenized_examples(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    if not cfg.data.train:
+        raise InputError("no training data: set data.train=PATH")
+    out = []
+    for path in (cfg.data.train, cfg.data.eval):
+        if not path:
+            out.append([])
+            continue
+        examples, report = read_sft_examples(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
+        if report.skipped:
+            log.warning("%s: %s", path, report.summary())
+        stats = TruncationStats()
+        out.append([tokenize_example(tokenizer, e, max_length=cfg.data.max_length,
+                                     max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                     prompt_overflow=cfg.data.prompt_overflow,
+                           append_eos=cfg.data.append_eos, stats=stats) for e in examples])
+        if stats.prompts_truncated or stats.responses_truncated:
+            log.warning("%s: %s", path, stats.summary())
+    train, evals = out
+    if not evals and cfg.data.eval_fraction > 0:
+        train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+    return train, evals
+
+
+def sft_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL over completion tokens, token count)."""
+    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return -out.logps.sum(), out.n_tokens.sum()
+
+
+def sft_step(model, batch) -> StepOutput:
+    nll, n_tokens = sft_forward(model, batch)
+    return StepOutput(loss=nll, stats={"loss": (nll.detach(), n_tokens)},
+                      tokens=int(batch["attention_mask"].sum()), pairs=int(batch["input_ids"].shape[0]))
+
+
+def _weight(batch: dict[str, torch.Tensor]) -> float:
+    return float((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate_examples(items[start:start + batch_size], pad_id).items()}
+        nll, n = sft_forward(model, batch)
+        total, count = total + nll, count + n
+    loss = (total / count.clamp(min=1)).item()
+    return {"loss": loss, "perplexity": float(torch.tensor(loss).exp())}
+
+
+def run_sft(cfg: Config, *, resume: bool = False) -> dict:
+    setup_threads(cfg)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_items, eval_items = load_tokenized_examples(cfg, tokenizer)
+    run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "sft")
+    device = pick_device()
+    precision = resolve_precision(cfg, device)
+    log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),
+             len(eval_items), device, precision)
+    model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
+    pad_id = tokenizer.pad_token_id
+    eval_fn = None
+    if eval_items:
+        eval_fn = functools.partial(evaluate_examples, model, eval_items, pad_id, cfg.train.eval_batch_size, device)
+    result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
+                 step_fn=functools.partial(sft_step, model), weight_fn=_weight, cfg=cfg.train, run_dir=run_dir,
+                 eval_fn=eval_fn, resume=resume, device=device, precision=precision)
+    save_model(model, tokenizer, run_dir / "policy")
+    if cfg.run.plot:
+        from preftune.eval.plots import plot_training
+
+        plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind="sft")
+    return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval}
