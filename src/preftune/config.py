@@ -154,6 +154,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
+    from preftune.losses import loss_names
+
+    if cfg.dpo.loss not in loss_names():
+        raise ConfigError(f"config key 'dpo.loss': {cfg.dpo.loss!r} is not one of {', '.join(loss_names())}")
     if cfg.dpo.beta <= 0:
         raise ConfigError("config key 'dpo.beta' must be > 0")
 

@@ -92,13 +92,28 @@ def _fit_prompt(ids: list[int], limit: int, tokenizer, overflow: str, source: st
         return ids
     if overflow == "error":
         file, _, line = source.rpartition(":")
-        raise DataError(file, int(line) if line.isdigit() else None, "prompt",
+        if not line.isdigit():
+            file, line = source, ""
+        raise DataError(file, int(line) if line else None, "prompt",
                         f"prompt has {len(ids)} tokens, over data.max_prompt_tokens={limit}")
     stats.prompts_truncated += 1
     bos = tokenizer.bos_token_id
-    if bos is not None and ids[0] == bos:
+    if bos is not None and ids[0] == bos and _adds_bos(tokenizer):
         return [bos] + ids[len(ids) - limit + 1:]
     return ids[len(ids) - limit:]
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts sequences with BOS (Llama does; SmolLM2, whose "BOS" is ChatML's
+    <|im_start|>, does not: keeping that token in front of a cut prompt would open a turn with no role)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _check_budget(max_length: int, max_prompt_tokens: int) -> None:
+    if max_prompt_tokens >= max_length:
+        raise ValueError(f"max_prompt_tokens ({max_prompt_tokens}) must be below max_length ({max_length}): "
+                         "responses need at least one token")
 
 
 def _fit_response(ids: list[int], budget: int, stats: TruncationStats) -> list[int]:
@@ -111,6 +126,7 @@ def _fit_response(ids: list[int], budget: int, stats: TruncationStats) -> list[i
 def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_tokens: int,
                   prompt_overflow: str = "truncate", append_eos: bool = True,
                   stats: TruncationStats | None = None) -> TokenizedPair:
+    _check_budget(max_length, max_prompt_tokens)
     stats = stats if stats is not None else TruncationStats()
     stats.examples += 1
     prompt_ids = _fit_prompt(encode_prompt(tokenizer, pair.prompt), max_prompt_tokens, tokenizer,
@@ -125,6 +141,7 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
 def tokenize_example(tokenizer, example: SFTExample, *, max_length: int, max_prompt_tokens: int,
                      prompt_overflow: str = "truncate", append_eos: bool = True,
                      stats: TruncationStats | None = None) -> TokenizedExample:
+    _check_budget(max_length, max_prompt_tokens)
     stats = stats if stats is not None else TruncationStats()
     stats.examples += 1
     prompt_ids = _fit_prompt(encode_prompt(tokenizer, example.prompt), max_prompt_tokens, tokenizer,

@@ -1,0 +1,183 @@
+"""Every CLI command end to end on the tiny model, and every bad-input case with its promised error."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from preftune.cli import main
+
+from conftest import PAIRS, write_jsonl
+
+FAST = ["model=tiny", "train.progress=false", "train.precision=fp32"]
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_dpo_then_eval_then_sample_then_score(tmp_path, pairs_file, capsys):
+    run_dir = tmp_path / "dpo"
+    code, out, err = _run(capsys, ["dpo", *FAST, f"data.train={pairs_file}", f"data.eval={pairs_file}",
+                                   "train.max_steps=4", "train.batch_size=2", "train.eval_every=2",
+                                   "train.lr=1e-3", f"run.dir={run_dir}"])
+    assert code == 0, err
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "training.png", "policy/model.safetensors",
+                 "policy/config.json", "policy/tokenizer.json", "checkpoints/latest"):
+        assert (run_dir / name).exists(), name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in eval_rows] == [2, 4]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs_per_s", "tokens_per_s"):
+        assert key in train_rows[0], key
+    assert "eval/rewards/accuracies" in eval_rows[0]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["seed"] == 0 and "torch" in env
+
+    # eval: the trained policy against the tiny reference must reproduce the run's final eval metrics
+    code, out, err = _run(capsys, ["eval", "model=" + str(run_dir / "policy"), "ref_model=tiny",
+                                   f"data.eval={pairs_file}", "train.precision=fp32",
+                                   "--out", str(tmp_path / "eval.json")])
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["pairs"] == len(PAIRS)
+    assert result["eval/loss"] == pytest.approx(eval_rows[-1]["eval/loss"], abs=1e-4)
+    assert result["eval/rewards/accuracies"] == pytest.approx(eval_rows[-1]["eval/rewards/accuracies"])
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "The movie was"}, {"prompt": "I felt"}])
+    samples = tmp_path / "samples.jsonl"
+    code, out, err = _run(capsys, ["sample", str(run_dir / "policy"), "--prompts", str(prompts), "--out",
+                                   str(samples), "--num-samples", "3", "--max-new-tokens", "5"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 6 and [r["prompt"] for r in rows[:3]] == ["The movie was"] * 3
+    assert all(isinstance(r["completion"], str) for r in rows)
+
+    code, out, err = _run(capsys, ["score", str(samples), "--scorer", "vader"])
+    assert code == 0, err
+    scored = [json.loads(line) for line in samples.read_text().splitlines()]
+    mean = sum(r["score_vader"] for r in scored) / len(scored)
+    assert f"{mean:.4f}" in out
+
+
+def test_sampling_is_seeded_and_greedy_is_deterministic(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    outs = []
+    for seed in (1, 1, 2):
+        path = tmp_path / f"s{len(outs)}.jsonl"
+        assert main(["sample", "tiny", "--prompts", str(prompts), "--out", str(path), "--num-samples", "2",
+                     "--max-new-tokens", "6", "--seed", str(seed)]) == 0
+        outs.append([json.loads(x)["completion"] for x in path.read_text().splitlines()])
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_sft_end_to_end(tmp_path, pairs_file, capsys):
+    run_dir = tmp_path / "sft"
+    code, out, err = _run(capsys, ["sft", *FAST, f"data.train={pairs_file}", "data.eval_fraction=0.25",
+                                   "train.max_steps=3", "train.batch_size=2", "train.lr=1e-3", f"run.dir={run_dir}"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] > rows[-2]["loss"]  # NLL on the chosen responses falls
+    assert "eval/perplexity" in rows[-1]
+    assert (run_dir / "policy" / "model.safetensors").is_file()
+
+
+def test_dpo_from_sft_reference(tmp_path, pairs_file, capsys):
+    """The reference may be a different checkpoint than the policy's start (here: an SFT model)."""
+    sft_dir = tmp_path / "sft"
+    assert main(["sft", *FAST, f"data.train={pairs_file}", "train.max_steps=2", "train.lr=1e-3",
+                 f"run.dir={sft_dir}"]) == 0
+    capsys.readouterr()
+    dpo_dir = tmp_path / "dpo"
+    code, out, err = _run(capsys, ["dpo", *FAST[1:], f"model={sft_dir / 'policy'}", "ref_model=tiny",
+                                   f"data.train={pairs_file}", "train.max_steps=1", f"run.dir={dpo_dir}"])
+    assert code == 0, err
+    first = json.loads((dpo_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] != pytest.approx(0.6931472, abs=1e-4)  # policy != reference at step 1
+    assert json.loads(out)["step"] == 1
+
+
+def test_demo_end_to_end_on_tiny(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    code, out, err = _run(capsys, ["demo", "--quick", "--out", str(out_dir), *FAST, "demo.train_prompts=16",
+                                   "demo.heldout_prompts=4", "demo.samples_per_prompt=2", "demo.pairs_per_prompt=1",
+                                   "demo.min_score_gap=0", "demo.eval_samples_per_prompt=2",
+                                   "demo.max_new_tokens=6", "train.max_steps=2", "train.eval_every=1"])
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for key in ("reference_reward", "policy_reward", "kl", "reference_vader", "policy_vader", "oracle", "pairs"):
+        assert key in summary, key
+    assert 0.0 <= summary["reference_reward"] <= 1.0
+    assert summary["oracle"]["heldout_accuracy"] > 0.7
+    for name in ("pairs.jsonl", "samples_reference.jsonl", "samples_policy.jsonl", "demo.png", "training.png",
+                 "policy/model.safetensors", "config.yaml"):
+        assert (out_dir / name).exists(), name
+    rows = [json.loads(x) for x in (out_dir / "samples_policy.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"prompt", "completion", "score_sentiment", "score_vader", "kl_sample"} <= set(rows[0])
+    assert summary["kl"] == pytest.approx(sum(r["kl_sample"] for r in rows) / len(rows), abs=1e-6)
+    assert "DPO policy" in out and "reference" in out
+
+
+# ---- bad input: a clear error naming file, line and field; exit code 2; nothing trained -------------------
+
+BAD = {
+    "invalid_json": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', 2, None),
+    "missing_field": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', 2,
+                      "rejected"),
+    "empty_field": ('{"prompt": "a", "chosen": "  ", "rejected": "c"}\n', 1, "chosen"),
+    "wrong_type": ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 2 + '{"prompt": 7, "chosen": "b", '
+                   '"rejected": "c"}\n', 3, "prompt"),
+    "identical": ('{"prompt": "a", "chosen": "same", "rejected": "same"}\n', 1, "chosen"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_names_file_line_field(tmp_path, capsys, case):
+    text, line, field = BAD[case]
+    path = tmp_path / f"{case}.jsonl"
+    path.write_text(text)
+    run_dir = tmp_path / "run"
+    code, out, err = _run(capsys, ["dpo", *FAST, f"data.train={path}", "train.max_steps=1", f"run.dir={run_dir}"])
+    assert code == 2
+    assert f"{path}:{line}" in err
+    if field:
+        assert f"field '{field}'" in err
+    assert "Traceback" not in err
+    assert not (run_dir / "policy").exists()
+
+
+def test_prompt_longer_than_limit_is_an_error_when_asked(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "long.jsonl", [PAIRS[0], {"prompt": "word " * 80, "chosen": " a", "rejected": " b"}])
+    code, out, err = _run(capsys, ["dpo", *FAST, f"data.train={path}", "data.max_prompt_tokens=16",
+                                   "data.prompt_overflow=error", "train.max_steps=1", f"run.dir={tmp_path / 'r'}"])
+    assert code == 2 and f"{path}:2: field 'prompt'" in err and "max_prompt_tokens=16" in err
+
+
+def test_skip_mode_reports_and_trains_on_the_rest(tmp_path, capsys, caplog):
+    rows = PAIRS[:4] + [{"prompt": "x", "chosen": "same", "rejected": "same"}, {"prompt": "x"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    code, out, err = _run(capsys, ["dpo", *FAST, f"data.train={path}", "data.on_invalid=skip", "train.max_steps=1",
+                                   f"run.dir={tmp_path / 'r'}"])
+    assert code == 0, err
+    assert "skipped 2 of 6 records" in caplog.text
+
+
+def test_missing_data_file_and_bad_model_spec(tmp_path, capsys):
+    code, _, err = _run(capsys, ["dpo", *FAST, f"data.train={tmp_path / 'nope.jsonl'}"])
+    assert code == 2 and "nope.jsonl" in err and "not found" in err
+    code, _, err = _run(capsys, ["dpo", "model=./no/such/dir", f"data.train={tmp_path}"])
+    assert code == 2 and "no/such/dir" in err
+
+
+def test_every_command_has_help(capsys):
+    for command in ("dpo", "sft", "eval", "sample", "score", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: preftune " + command in capsys.readouterr().out

@@ -1,0 +1,39 @@
+"""Real-model checks (SmolLM2-135M). Not in `make test`; run with `make test-slow` (about 4 minutes)."""
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_model_loads_and_ref_equals_policy_logps():
+    from preftune.data.collate import collate_pairs
+    from preftune.data.records import PreferencePair
+    from preftune.data.tokenize import tokenize_pair
+    from preftune.losses import get_loss
+    from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
+    from preftune.models.logprobs import sequence_logps
+
+    tok = load_tokenizer("smollm2-135m")
+    policy, ref = load_causal_lm("smollm2-135m"), load_reference("smollm2-135m")
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    item = tokenize_pair(tok, PreferencePair("The movie was", " great.", " awful.", "x:1"), max_length=32,
+                         max_prompt_tokens=16)
+    batch = collate_pairs([item], tok.pad_token_id)
+    pol = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    with torch.no_grad():
+        r = sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    out = get_loss("sigmoid", beta=0.1)(pol[:1], pol[1:], r[:1], r[1:])
+    assert out.losses.item() == pytest.approx(0.693147, abs=1e-5)
+    assert -30 < pol[0].item() < 0  # a real language model, not random weights
+
+
+def test_quick_demo_improves_oracle_reward(tmp_path):
+    from preftune.experiments.sentiment import run_demo
+
+    summary = run_demo(quick=True, out=str(tmp_path / "demo"), overrides=["train.progress=false"])
+    assert summary["policy_reward"] > summary["reference_reward"]
+    assert 0 < summary["kl"] < 20
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["pairs"] == summary["pairs"]

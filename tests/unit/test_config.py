@@ -1,0 +1,233 @@
+"""preftune.config: strict typed configs, YAML + dotted overrides, shipped configs, and the CLI's early check.
+
+Each test names, in a comment, the bug it catches.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.config import Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO / "configs"
+SHIPPED = sorted({*CONFIG_DIR.rglob("*.yaml"), *CONFIG_DIR.rglob("*.yml")}) if CONFIG_DIR.is_dir() else []
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_load():
+    # Catches: defaults that fail their own validation, or load_config() drifting from the dataclasses.
+    cfg = load_config()
+    assert cfg == Config()
+    assert (cfg.model, cfg.ref_model, cfg.dpo.beta, cfg.train.optimizer) == ("smollm2-135m", None, 0.1, "rmsprop")
+    assert cfg.data.max_prompt_tokens < cfg.data.max_length
+
+
+def test_load_config_does_not_mutate_a_fresh_default():
+    # Catches: a shared mutable default (e.g. a module-level Config) being merged into in place.
+    load_config(overrides=["dpo.beta=0.3", "train.max_steps=3"])
+    assert load_config() == Config()
+
+
+def test_yaml_then_overrides_merge_and_override_wins(tmp_path):
+    # Catches: overrides applied before the file (file wins), nested sections replaced wholesale instead
+    # of merged (untouched keys reset), YAML-only values lost.
+    path = write_yaml(tmp_path, """
+model: tiny
+data: {max_length: 128, max_prompt_tokens: 64}
+train:
+  max_steps: 7
+  lr: 1e-5
+  optimizer: adamw
+dpo: {beta: 0.2}
+""")
+    cfg = load_config(path, ["dpo.beta=0.05", "train.max_steps=9"])
+    assert cfg.dpo.beta == 0.05
+    assert cfg.train.max_steps == 9
+    assert cfg.model == "tiny"
+    assert cfg.train.optimizer == "adamw"
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert (cfg.data.max_length, cfg.data.max_prompt_tokens) == (128, 64)
+    assert cfg.train.batch_size == Config().train.batch_size  # untouched key keeps its default
+    assert cfg.dpo.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("overrides, yaml_text, key", [
+    (["nope=1"], None, "nope"),
+    (["dpo.bta=0.1"], None, "dpo.bta"),
+    (["train.max_step=3"], None, "train.max_step"),
+    (["nope.deeper=1"], None, "nope"),
+    ([], "dpo: {bta: 0.1}\n", "dpo.bta"),
+    ([], "lr: 0.1\n", "lr"),
+])
+def test_unknown_key_is_an_error_naming_it(tmp_path, overrides, yaml_text, key):
+    # Catches: unknown keys (typos) silently ignored or stored as new attributes, at either level.
+    path = write_yaml(tmp_path, yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(path, overrides)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.max_steps=1.5", "train.max_steps"),
+    ("train.max_steps=true", "train.max_steps"),
+    ("dpo.beta=[1]", "dpo.beta"),
+    ("dpo.beta=abc", "dpo.beta"),
+    ("train.lr={a: 1}", "train.lr"),
+    ("run.plot=maybe", "run.plot"),
+    ("model=null", "model"),  # model is not optional
+    ("dpo=0.1", "dpo"),  # a section is not a scalar
+])
+def test_wrong_type_is_an_error_naming_the_key(override, key):
+    # Catches: values stored with the wrong type (crashing later, after a model loaded) or bools accepted
+    # as ints.
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(overrides=[override])
+
+
+def test_wrong_type_in_yaml_is_an_error_naming_the_key(tmp_path):
+    # Catches: type checks applied to overrides only, not to the YAML file.
+    with pytest.raises(ConfigError, match="'train.batch_size'"):
+        load_config(write_yaml(tmp_path, "train: {batch_size: eight}\n"))
+
+
+def test_float_written_without_a_dot_becomes_a_float(tmp_path):
+    # Catches: YAML 1.1 reading "1e-6" as the STRING "1e-6" and the config keeping it (or rejecting it).
+    cfg = load_config(overrides=["train.lr=1e-6"])
+    assert cfg.train.lr == 1e-6 and type(cfg.train.lr) is float
+    cfg = load_config(write_yaml(tmp_path, "train: {lr: 1e-6}\ndpo: {beta: 1}\n"))
+    assert cfg.train.lr == 1e-6 and type(cfg.train.lr) is float
+    assert cfg.dpo.beta == 1.0 and type(cfg.dpo.beta) is float  # int -> float
+
+
+def test_string_key_keeps_its_raw_text():
+    # Catches: a path like "123" or "1e3" parsed as a number (then rejected or turned into "1000.0").
+    assert load_config(overrides=["data.train=123"]).data.train == "123"
+    assert load_config(overrides=["data.eval=1e3"]).data.eval == "1e3"
+    assert load_config(overrides=["model=true"]).model == "true"
+
+
+def test_null_gives_none_and_later_override_wins():
+    # Catches: "null" kept as the string "null" (then used as a model name), or override order ignored.
+    assert load_config(overrides=["ref_model=null"]).ref_model is None
+    assert load_config(overrides=["ref_model=tiny", "ref_model=null"]).ref_model is None
+    assert load_config(overrides=["ref_model=null", "ref_model=tiny"]).ref_model == "tiny"
+    assert load_config(overrides=["train.warmup_steps=5"]).train.warmup_steps == 5
+
+
+def test_invalid_choice_names_the_choices():
+    # Catches: free-form strings accepted for enumerated options (failing deep inside training).
+    with pytest.raises(ConfigError, match="train.optimizer") as info:
+        load_config(overrides=["train.optimizer=sgd"])
+    assert "rmsprop" in str(info.value) and "adamw" in str(info.value) and "sgd" in str(info.value)
+
+
+def test_prompt_budget_must_leave_room_for_responses():
+    # Catches: max_prompt_tokens >= max_length accepted (responses would be cut to nothing).
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens"):
+        load_config(overrides=["data.max_length=64", "data.max_prompt_tokens=64"])
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens"):
+        load_config(overrides=["data.max_length=64", "data.max_prompt_tokens=100"])
+    assert load_config(overrides=["data.max_length=64", "data.max_prompt_tokens=63"]).data.max_length == 64
+
+
+def test_label_smoothing_range():
+    # Catches: cDPO label smoothing >= 0.5 accepted (it flips which response the loss prefers).
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        load_config(overrides=["dpo.label_smoothing=0.6"])
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        load_config(overrides=["dpo.label_smoothing=0.5"])
+    assert load_config(overrides=["dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+
+
+def test_save_then_load_round_trips(tmp_path):
+    # Catches: save_config writing something load_config cannot read back identically (floats as strings,
+    # None lost, nested sections flattened): a run directory's config.yaml must reproduce the run.
+    cfg = load_config(overrides=["model=tiny", "ref_model=null", "data.train=123", "train.lr=1e-6",
+                                 "train.optimizer=adamw", "train.warmup_steps=3", "dpo.beta=0.05",
+                                 "dpo.label_smoothing=0.1", "data.append_eos=false", "run.dir=runs/x"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == 1e-6
+
+
+def test_demo_config_round_trips(tmp_path):
+    # Catches: a saved demo config (with its `demo:` section) that build_config cannot read back identically.
+    from preftune.experiments.sentiment import build_config
+
+    cfg = build_config(None, ["demo.train_prompts=10", "dpo.beta=0.2"], quick=True)
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert build_config(str(path), [], quick=False) == cfg
+
+
+@pytest.mark.parametrize("path", SHIPPED or [None], ids=[str(p.relative_to(REPO)) for p in SHIPPED] or ["none"])
+def test_shipped_config_parses(path):
+    # Catches: a shipped YAML with a typo'd key, a wrong type or a value its command would reject.
+    if path is None:
+        pytest.skip("configs/ has no YAML files yet")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    assert isinstance(raw, dict), f"{path}: top level must be a mapping"
+    if "demo" in raw:
+        from preftune.experiments.sentiment import build_config
+
+        build_config(str(path), [], quick=False)
+    else:
+        load_config(path)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _forbid_model_loading(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the config was checked")
+
+    # Import the run modules first: they bind their own references to the loaders at import time, and
+    # importing them while the loaders are patched would leave `boom` bound there for later tests.
+    import preftune.models.load
+    import preftune.train.dpo
+    import preftune.train.sft  # noqa: F401
+
+    for module in [m for n, m in sys.modules.items() if n.startswith("preftune.")]:
+        for name in ("load_causal_lm", "load_reference", "load_tokenizer"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, boom)
+
+
+@pytest.mark.parametrize("bad, key", [("nope=1", "nope"), ("dpo.bta=0.1", "dpo.bta"),
+                                      ("train.max_steps=abc", "train.max_steps")])
+def test_cli_rejects_a_bad_key_before_loading_a_model(monkeypatch, capsys, bad, key):
+    # Catches: the CLI loading the model (minutes for a real one) before validating the config, or a
+    # config error escaping as a traceback instead of exit status 2 with a one-line message naming the key.
+    from preftune.cli import main
+
+    _forbid_model_loading(monkeypatch)
+    start = time.perf_counter()
+    status = main(["dpo", "model=tiny", bad])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"'{key}'" in err and err.startswith("error:")
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+
+
+def test_cli_rejects_an_unknown_loss_with_status_2(monkeypatch, capsys):
+    # Catches: a typo'd loss name giving a traceback (or starting training) instead of a clean input error.
+    from preftune.cli import main
+
+    _forbid_model_loading(monkeypatch)
+    status = main(["dpo", "model=tiny", "dpo.loss=nope"])
+    assert status == 2
+    assert "'nope'" in capsys.readouterr().err

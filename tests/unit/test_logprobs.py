@@ -1,0 +1,83 @@
+"""The one log-prob function: completion tokens only, fp32, and the batched layouts agree with separate forwards."""
+
+import pytest
+import torch
+
+from preftune.data.collate import collate_pairs
+from preftune.data.records import PreferencePair
+from preftune.data.tokenize import tokenize_pair
+from preftune.models import logprobs as lp
+from preftune.models.logprobs import IGNORE_INDEX, sequence_logps
+
+
+def _pairs(tok):
+    raw = [("The movie was", " wonderful and moving.", " dull."),
+           ("A much longer opening line for this review", " is fine.", " is not good at all, sadly."),
+           ("Short", " yes", " no no no no")]
+    return [tokenize_pair(tok, PreferencePair(p, c, r, f"x:{i}"), max_length=64, max_prompt_tokens=32)
+            for i, (p, c, r) in enumerate(raw, 1)]
+
+
+def _manual(model, prompt, response):
+    """Reference computation: full logits, log_softmax over the vocabulary, sum at response positions."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0].double()
+    logp = logits.log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(response))
+
+
+def test_matches_manual_full_logits(tiny_model, tiny_tokenizer):
+    items = _pairs(tiny_tokenizer)
+    batch = collate_pairs(items, tiny_tokenizer.pad_token_id)
+    out = sequence_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    expected = [_manual(tiny_model, p.prompt_ids, p.chosen_ids) for p in items] + \
+               [_manual(tiny_model, p.prompt_ids, p.rejected_ids) for p in items]
+    assert out.logps.dtype == torch.float32
+    assert out.logps.tolist() == pytest.approx(expected, abs=2e-4)
+    assert out.n_tokens.tolist() == [len(p.chosen_ids) for p in items] + [len(p.rejected_ids) for p in items]
+
+
+def test_concatenated_forward_equals_separate_forwards(tiny_model, tiny_tokenizer):
+    items = _pairs(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    batch = collate_pairs(items, pad)
+    stacked = sequence_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+    separate = []
+    for attr in ("chosen_ids", "rejected_ids"):
+        for p in items:
+            ids = torch.tensor([p.prompt_ids + getattr(p, attr)])
+            labels = ids.clone()
+            labels[0, : len(p.prompt_ids)] = IGNORE_INDEX
+            separate.append(sequence_logps(tiny_model, ids, torch.ones_like(ids), labels).logps.item())
+    assert stacked.tolist() == pytest.approx(separate, abs=1e-4)
+
+
+def test_prompt_tokens_never_count(tiny_model, tiny_tokenizer):
+    p = _pairs(tiny_tokenizer)[1]
+    ids = torch.tensor([p.prompt_ids + p.chosen_ids])
+    labels = ids.clone()
+    labels[0, : len(p.prompt_ids)] = IGNORE_INDEX
+    masked = sequence_logps(tiny_model, ids, torch.ones_like(ids), labels)
+    unmasked = sequence_logps(tiny_model, ids, torch.ones_like(ids), ids.clone())
+    assert masked.n_tokens.item() == len(p.chosen_ids)
+    assert unmasked.n_tokens.item() == ids.shape[1] - 1
+    assert masked.logps.item() > unmasked.logps.item()  # fewer (negative) terms
+
+
+def test_chunking_and_full_logits_path_agree(tiny_model, tiny_tokenizer, monkeypatch):
+    batch = collate_pairs(_pairs(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    args = (tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    default = sequence_logps(*args).logps
+    chunked = sequence_logps(*args, chunk_tokens=3).logps
+    monkeypatch.setattr(lp, "_split_head", lambda model: None)
+    full = sequence_logps(*args).logps
+    assert torch.allclose(default, chunked, atol=1e-5)
+    assert torch.allclose(default, full, atol=1e-4)
+
+
+def test_gradients_flow_only_through_completion_logits(tiny_model, tiny_tokenizer):
+    batch = collate_pairs(_pairs(tiny_tokenizer)[:1], tiny_tokenizer.pad_token_id)
+    out = sequence_logps(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out.logps.sum().backward()
+    assert tiny_model.model.embed_tokens.weight.grad is not None
+    assert torch.isfinite(tiny_model.model.embed_tokens.weight.grad).all()
