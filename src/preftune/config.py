@@ -31,7 +31,9 @@ class DataConfig:
     prompt_overflow: str = "truncate"  # truncate | error: a prompt over max_prompt_tokens is cut or is an error
     append_eos: bool = True  # false: responses carry their own end marker (sampled text that kept its EOS)
     on_invalid: str = "error"  # error | skip: a malformed record stops the run (exit 2) or is skipped and counted
-    limit: int | None = None  # read at most this many records (quick experiments)
+    limit: int | None = None  # read at most this many pairs (quick experiments)
+    max_pairs_per_prompt: int | None = None  # records with several ranked/scored responses expand into all
+    # ordered pairs; keep at most this many per record (largest score gaps first)
 
 
 @dataclass
@@ -58,14 +60,31 @@ class TrainConfig:
 
 @dataclass
 class DPOConfig:
-    loss: str = "sigmoid"
+    loss: str = "sigmoid"  # sigmoid | robust | ipo | hinge | simpo | orpo (see preftune/losses)
     beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO (cDPO): assumed probability that a label is flipped
+    label_smoothing: float = 0.0  # cDPO / rDPO: assumed probability that a label is flipped
+    gamma: float | None = None  # SimPO's target margin (None: the loss's default)
+    average_log_probs: bool | None = None  # IPO: per-token averaged (default) or summed log-ratios
+    sft_weight: float = 0.0  # adds sft_weight * (length-averaged NLL of the chosen response), RPO-style
 
 
 @dataclass
 class ReferenceConfig:
-    mode: str = "model"  # model: a frozen copy of `ref_model` (or of `model` when unset)
+    # model: a frozen copy of `ref_model` (or of `model`) | adapter: train a LoRA adapter, the reference is the
+    # same weights with the adapter disabled | precomputed: reference log-probs computed once and cached on disk,
+    # the reference model is never held during training | none: reference-free losses (simpo, orpo)
+    mode: str = "model"
+    cache_dir: str | None = None  # precomputed log-probs (default: <preftune cache>/reference)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False  # train a LoRA adapter instead of all weights (implied by reference.mode=adapter)
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str = "all-linear"  # comma-separated module names, or all-linear
+    export_merged: bool = True  # also write the merged full model to RUN/policy-merged
 
 
 @dataclass
@@ -83,6 +102,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -92,7 +112,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("rmsprop", "adamw"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "reference.mode": ("model",),
+    "reference.mode": ("model", "adapter", "precomputed", "none"),
 }
 
 
@@ -152,6 +172,8 @@ def _validate(cfg: Config) -> None:
                        ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)):
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if d.max_pairs_per_prompt is not None and d.max_pairs_per_prompt < 1:
+        raise ConfigError("config key 'data.max_pairs_per_prompt' must be >= 1 (or null for all pairs)")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
     from preftune.losses import loss_names
@@ -160,6 +182,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'dpo.loss': {cfg.dpo.loss!r} is not one of {', '.join(loss_names())}")
     if cfg.dpo.beta <= 0:
         raise ConfigError("config key 'dpo.beta' must be > 0")
+    if cfg.dpo.sft_weight < 0:
+        raise ConfigError("config key 'dpo.sft_weight' must be >= 0")
+    if cfg.lora.r < 1:
+        raise ConfigError("config key 'lora.r' must be >= 1")
 
 
 def _field_hint(cfg: Config, key: str) -> Any:
@@ -175,12 +201,14 @@ def _field_hint(cfg: Config, key: str) -> Any:
 
 def parse_override(text: str, cfg: Config | None = None) -> tuple[str, Any]:
     """``"dpo.beta=0.05"`` -> ``("dpo.beta", 0.05)``. Values parse as YAML scalars, except that a
-    string-typed key keeps the raw text (``data.train=123.jsonl`` stays a string); ``null`` means None."""
+    string-typed key keeps the raw text (``data.train=123.jsonl`` stays a string); ``null`` means None, and so
+    does ``none`` for keys that may be None (``reference.mode=none`` stays the string "none")."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
     hint = _field_hint(cfg or Config(), key)
-    if raw.lower() in ("null", "none", "~"):
+    allows_none = hint is not None and type(None) in typing.get_args(hint)
+    if raw.lower() in ("null", "~") or (raw.lower() == "none" and allows_none):
         return key, None
     if hint is not None and str in (typing.get_args(hint) or (hint,)):
         return key, raw

@@ -181,3 +181,27 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exc.value.code == 0
         assert "usage: preftune " + command in capsys.readouterr().out
+
+
+def test_multi_response_records_expand_and_cap(tmp_path, capsys, caplog):
+    """Several scored responses per prompt train as all ordered pairs; the cap keeps the largest gaps."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    path = write_jsonl(tmp_path / "multi.jsonl", [
+        {"prompt": "The film", "responses": [" is great.", " is fine.", " is awful."], "scores": [3, 2, 1]},
+        {"prompt": "Its music", "ranked": [" soars.", " works.", " grates.", " hurts."]},
+    ])
+    for cap, expected in (("null", 3 + 6), ("2", 2 + 2)):
+        caplog.clear()
+        code, out, err = _run(capsys, ["dpo", *FAST, f"data.train={path}", f"data.max_pairs_per_prompt={cap}",
+                                       "train.max_steps=1", f"run.dir={tmp_path / cap}", "run.plot=false"])
+        assert code == 0, err
+        assert f"{expected} train / 0 eval pairs" in caplog.text
+    from preftune.data.records import read_preference_pairs
+
+    pairs, _ = read_preference_pairs(path, max_pairs_per_prompt=2)
+    # gaps: great>awful 2, great>fine 1, fine>awful 1 (tie: the first in rank order wins); ranked: soars>hurts 3,
+    # soars>grates 2, works>hurts 2 (tie again). The kept pairs are listed in rank order.
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        (" is great.", " is fine."), (" is great.", " is awful."), (" soars.", " grates."), (" soars.", " hurts.")]

@@ -28,10 +28,14 @@ def _pad_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """(2B, T) tensors: chosen rows first, then rejected rows; plus ``n_pairs`` (scalar)."""
+    """(2B, T) tensors: chosen rows first, then rejected rows; plus ``n_pairs`` (scalar) and, when every pair
+    carries precomputed reference log-probs, ``ref_logps`` (2B,) in the same row order."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     batch = _pad_rows(rows, pad_id)
     batch["n_pairs"] = torch.tensor(len(pairs))
+    if pairs and all(p.ref_logps is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs],
+                                          dtype=torch.float32)
     return batch
 
 

@@ -4,6 +4,8 @@ Every data source (JSONL, JSONL.gz, JSON, CSV, Parquet, a ``datasets.save_to_dis
 reduced here to :class:`PreferencePair` or :class:`SFTExample`, each carrying ``source``
 (``"file:line"``) so that any later error (a prompt too long, a template failure) can point back to
 the exact record. Validation happens once, here, so that nothing downstream re-checks shapes.
+Records with several ranked or scored responses per prompt expand into all their ordered pairs
+(:mod:`preftune.data.multi`), each pair keeping the record's ``source``.
 Heavy libraries (pyarrow, datasets) are imported only by the reader that needs them, which keeps
 ``import preftune.data.records`` (and the CLI's start-up) fast.
 """
@@ -227,6 +229,20 @@ def validate_pair(raw: dict, file: str, line: int) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, source=f"{file}:{line}")
 
 
+def validate_preferences(raw: dict, file: str, line: int, *,
+                         max_pairs_per_prompt: int | None = None) -> list[PreferencePair]:
+    """The pairs of one raw record: a pair record gives itself, a multi-response record
+    (``responses`` + ``scores``, scored ``responses`` or ``ranked``) all its ordered pairs, at most
+    ``max_pairs_per_prompt`` of them (largest score gaps first; see :mod:`preftune.data.multi`).
+    """
+    from preftune.data import multi  # here, not at the top: multi builds on this module's checks
+
+    if not (isinstance(raw, dict) and multi.is_multi_response(raw)):
+        return [validate_pair(raw, file, line)]
+    expanded = _located(lambda r: multi.multi_response_pairs(r, max_pairs_per_prompt), raw, file, line)
+    return [PreferencePair(prompt, better, worse, source=f"{file}:{line}") for prompt, better, worse in expanded]
+
+
 def _sft_fields(raw: dict) -> tuple[Text, Text]:
     if raw.get("messages") is not None:
         messages = _check_text(raw["messages"], "messages", is_response=True)
@@ -346,7 +362,10 @@ def _iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     return readers[path.suffix.lower()](path, file)
 
 
-def _read(path, convert, on_invalid: str, limit: int | None) -> tuple[list, SkipReport]:
+def _read(path, convert: Callable[[Any, str, int], list], on_invalid: str,
+          limit: int | None) -> tuple[list, SkipReport]:
+    """``convert`` turns one raw record into a list (a multi-response record gives several pairs);
+    ``limit`` counts the items returned, so the last record's items may be cut short."""
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     records, report, file = [], SkipReport(), str(path)
@@ -357,24 +376,32 @@ def _read(path, convert, on_invalid: str, limit: int | None) -> tuple[list, Skip
         try:
             if isinstance(raw, DataError):
                 raise raw
-            records.append(convert(raw, file, line))
+            records.extend(convert(raw, file, line))
         except DataError as err:
             if on_invalid == "error":
                 raise
             report.add(err)
-    return records, report
+    return records[:limit], report
 
 
-def read_preference_pairs(path: str | Path, *, on_invalid: str = "error",
-                          limit: int | None = None) -> tuple[list[PreferencePair], SkipReport]:
-    """Read and validate preference pairs; ``on_invalid="skip"`` drops bad records into the report."""
-    return _read(path, validate_pair, on_invalid, limit)
+def read_preference_pairs(path: str | Path, *, on_invalid: str = "error", limit: int | None = None,
+                          max_pairs_per_prompt: int | None = None) -> tuple[list[PreferencePair], SkipReport]:
+    """Read and validate preference pairs; ``on_invalid="skip"`` drops bad records into the report.
+
+    Multi-response records expand into their ordered pairs, at most ``max_pairs_per_prompt`` per
+    record (those with the largest score gaps). ``limit`` counts pairs, not records.
+    """
+    cap = max_pairs_per_prompt
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"max_pairs_per_prompt must be a positive integer or None, got {cap!r}")
+    return _read(path, lambda raw, file, line: validate_preferences(raw, file, line, max_pairs_per_prompt=cap),
+                 on_invalid, limit)
 
 
 def read_sft_examples(path: str | Path, *, on_invalid: str = "error",
                       limit: int | None = None) -> tuple[list[SFTExample], SkipReport]:
     """Read and validate SFT examples (``{prompt, completion}``, ``{messages}`` or preference pairs)."""
-    return _read(path, validate_sft, on_invalid, limit)
+    return _read(path, lambda raw, file, line: [validate_sft(raw, file, line)], on_invalid, limit)
 
 
 # ---------------------------------------------------------------- plain JSONL helpers

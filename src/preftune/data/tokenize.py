@@ -25,6 +25,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     source: str
+    ref_logps: tuple[float, float] | None = None  # (chosen, rejected) cached reference log-probs, if precomputed
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,14 @@ on a loss name.
 
 from __future__ import annotations
 
-from preftune.losses.base import LossOutput, PreferenceLoss, get_loss, loss_names, register
-from preftune.losses import sigmoid as _sigmoid  # noqa: F401  (registers "sigmoid")
+from preftune.losses.base import LossOutput, PreferenceLoss, get_loss, loss_names, loss_params, register
 
-__all__ = ["LossOutput", "PreferenceLoss", "get_loss", "loss_names", "register"]
+# Importing a unit registers it under its ``name``.
+from preftune.losses import sigmoid as _sigmoid  # noqa: F401  (DPO / cDPO)
+from preftune.losses import robust as _robust  # noqa: F401  (rDPO)
+from preftune.losses import ipo as _ipo  # noqa: F401  (IPO)
+from preftune.losses import hinge as _hinge  # noqa: F401  (SLiC-HF / RSO hinge)
+from preftune.losses import simpo as _simpo  # noqa: F401  (SimPO, reference-free)
+from preftune.losses import orpo as _orpo  # noqa: F401  (ORPO, reference-free)
+
+__all__ = ["LossOutput", "PreferenceLoss", "get_loss", "loss_names", "loss_params", "register"]

@@ -24,7 +24,9 @@ class PreferenceLoss:
 
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = True
-    reduction: ClassVar[str] = "sum"  # "sum": summed completion log-probs; "mean": length-averaged
+    # "sum": the loop passes summed completion log-probs; "mean": length-averaged (sum / completion tokens).
+    # Not a ClassVar: a unit whose parameter decides it (IPO's average_log_probs) sets it per instance.
+    reduction: str = "sum"
 
     def __call__(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                  ref_chosen_logps: torch.Tensor | None = None,
@@ -52,12 +54,22 @@ def loss_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_loss(name: str, **params) -> PreferenceLoss:
-    """Instantiate a registered loss; unknown names and unknown parameters fail loudly (never ignored)."""
+def _loss_class(name: str) -> type[PreferenceLoss]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(loss_names())}")
-    cls = _REGISTRY[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return _REGISTRY[name]
+
+
+def loss_params(name: str) -> set[str]:
+    """The parameter names loss ``name`` accepts (its ``__init__`` keywords); the config layer uses this to
+    refuse options the chosen loss would ignore."""
+    return set(inspect.signature(_loss_class(name).__init__).parameters) - {"self"}
+
+
+def get_loss(name: str, **params) -> PreferenceLoss:
+    """Instantiate a registered loss; unknown names and unknown parameters fail loudly (never ignored)."""
+    cls = _loss_class(name)
+    accepted = loss_params(name)
     unknown = set(params) - accepted
     if unknown:
         raise ValueError(f"loss {name!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")

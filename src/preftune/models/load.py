@@ -105,7 +105,7 @@ def resolve_spec(spec: str) -> str:
         return str(convert_gguf(path))
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelSpecError(f"{spec} is not a model directory (no config.json)")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
@@ -116,6 +116,10 @@ def resolve_spec(spec: str) -> str:
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from preftune.models.lora import base_of, is_adapter_dir
+
+    if is_adapter_dir(spec) and not (Path(spec) / "tokenizer_config.json").is_file():
+        spec = base_of(spec)[0]
     source = resolve_spec(DEFAULT_ALIAS if spec == TINY_ALIAS else spec)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -159,8 +163,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_causal_lm(spec: str, *, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
-    """Load a causal LM in fp32 with dropout off. Mixed precision is applied by autocast, not by casting weights."""
-    if spec == TINY_ALIAS:
+    """Load a causal LM in fp32 with dropout off. Mixed precision is applied by autocast, not by casting weights.
+    A LoRA adapter directory is loaded onto its base model and merged."""
+    from preftune.models.lora import base_of, is_adapter_dir, merge_adapter
+
+    if is_adapter_dir(spec):
+        base_spec, base_seed = base_of(spec)
+        model = merge_adapter(load_causal_lm(base_spec, seed=base_seed, trust_remote_code=trust_remote_code), spec)
+    elif spec == TINY_ALIAS:
         model = build_tiny(seed)
     else:
         from transformers import AutoModelForCausalLM

@@ -1,16 +1,37 @@
-"""How the reference model is held. One interface: ``ref.logps(batch) -> SequenceLogps`` for a batch of
+"""How the reference model is held. One interface, ``ref.logps(batch) -> SequenceLogps`` for a batch of
 stacked chosen/rejected rows; the training loop does not know which strategy is behind it.
 
-``FrozenReference`` (``reference.mode=model``): a separate copy of the weights the user gave (or the
-policy's starting checkpoint), in eval mode with gradients off. It is asserted to stay in eval mode at
-every call: a reference left in train mode (dropout on) silently changes the loss.
+- ``FrozenReference`` (``reference.mode=model``): a separate copy of the weights the user gave (or of the
+  policy's starting point), eval mode, gradients off; asserted to stay in eval mode at every call (a reference
+  left in train mode with dropout on silently changes the loss).
+- ``AdapterReference`` (``adapter``): the policy is a LoRA adapter on frozen base weights; the reference is
+  the same module with the adapter disabled. One copy of the weights in memory.
+- ``PrecomputedReference`` (``precomputed``): log-probs computed in one pass before training, cached on disk
+  (safetensors) under a key that hashes everything they depend on, and carried in each batch as
+  ``batch["ref_logps"]``. The reference model is freed before the policy loads, and evaluation after training
+  reads the cached values: it can never silently use the trained policy as its reference.
 """
 
 from __future__ import annotations
 
-import torch
+import gc
+import hashlib
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
 
-from preftune.models.logprobs import SequenceLogps, sequence_logps
+import torch
+from safetensors.torch import load_file, save_file
+
+from preftune.data.collate import collate_pairs
+from preftune.data.tokenize import TokenizedPair
+from preftune.models.logprobs import IGNORE_INDEX, SequenceLogps, autocast_context, sequence_logps
+from preftune.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 
 class FrozenReference:
@@ -21,3 +42,126 @@ class FrozenReference:
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         assert not self.model.training, "the reference model must stay in eval mode"
         return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+class AdapterReference:
+    """The policy's base weights with its LoRA adapter switched off."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        self.model = peft_model
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        with self.model.disable_adapter():
+            return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+class PrecomputedReference:
+    """Reads the cached reference log-probs that collate put into the batch."""
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        if "ref_logps" not in batch:
+            raise RuntimeError("precomputed reference: the batch carries no ref_logps (items were not annotated)")
+        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).to(torch.float32)
+        return SequenceLogps(logps=batch["ref_logps"].to(torch.float32), n_tokens=n_tokens)
+
+
+# ---- precompute + cache ----------------------------------------------------------------------------------
+
+_WEIGHT_HASHES: dict[tuple, str] = {}
+
+
+def weights_identity(spec: str, seed: int) -> str:
+    """A content hash of the reference weights named by ``spec`` (files on disk, or the tiny model's seed and
+    config), computed without loading the model; memoised per (path, size, mtime) in this process."""
+    from preftune.models.load import TINY_ALIAS, resolve_spec
+    from preftune.models.lora import is_adapter_dir
+
+    if spec == TINY_ALIAS:
+        return f"tiny:seed={seed}"
+    path = Path(spec) if is_adapter_dir(spec) else Path(resolve_spec(spec))
+    if not path.exists():
+        return f"hub:{spec}"
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        key = (str(f.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _WEIGHT_HASHES:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            _WEIGHT_HASHES[key] = h.hexdigest()
+        digest.update(f.name.encode() + _WEIGHT_HASHES[key].encode())
+    return digest.hexdigest()
+
+
+def cache_key(*, weights: str, tokenizer, settings: dict, items: list[TokenizedPair]) -> str:
+    """Hash of (reference weights, tokenizer, chat template, truncation settings, precision, dataset content as
+    tokenised). Any change to any of them gives a new key, hence a recomputation."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    for part in (weights, hashlib.sha256(vocab.encode()).hexdigest(), str(getattr(tokenizer, "chat_template", "")),
+                 json.dumps(settings, sort_keys=True)):
+        h.update(part.encode())
+        h.update(b"\x00")
+    for item in items:
+        h.update(json.dumps([item.prompt_ids, item.chosen_ids, item.rejected_ids]).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_logps(model: torch.nn.Module, items: list[TokenizedPair], pad_id: int, batch_size: int,
+                  device: torch.device, precision: str) -> torch.Tensor:
+    """(N, 2) summed completion log-probs [chosen, rejected] of each pair under ``model``."""
+    model.eval()
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        with autocast_context(device, precision):
+            logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+        n = len(chunk)
+        out.append(torch.stack([logps[:n], logps[n:]], dim=1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def annotate(items: list[TokenizedPair], logps: torch.Tensor) -> list[TokenizedPair]:
+    assert logps.shape == (len(items), 2), (logps.shape, len(items))
+    return [replace(item, ref_logps=(float(c), float(r))) for item, (c, r) in zip(items, logps.tolist())]
+
+
+def precompute(splits: dict[str, list[TokenizedPair]], *, load_model: Callable[[], torch.nn.Module],
+               weights: str, tokenizer, settings: dict, pad_id: int, batch_size: int, device: torch.device,
+               precision: str, root: Path | None = None) -> dict[str, list[TokenizedPair]]:
+    """Annotate each split's items with cached reference log-probs, computing (and caching) what is missing.
+    The model is loaded only on a cache miss and freed before returning."""
+    root = Path(root) if root else cache_dir() / "reference"
+    root.mkdir(parents=True, exist_ok=True)
+    settings = dict(settings, precision=precision)
+    out: dict[str, list[TokenizedPair]] = {}
+    model = None
+    for name, items in splits.items():
+        if not items:
+            out[name] = items
+            continue
+        key = cache_key(weights=weights, tokenizer=tokenizer, settings=settings, items=items)
+        path = root / f"{key}.safetensors"
+        if path.is_file():
+            log.info("reference log-probs for %s: reusing cache %s", name, path)
+            logps = load_file(str(path))["logps"]
+        else:
+            log.info("reference log-probs for %s: computing %d pairs (cache %s)", name, len(items), path)
+            model = model if model is not None else load_model().to(device)
+            logps = compute_logps(model, items, pad_id, batch_size, device, precision)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"logps": logps.contiguous()}, str(tmp), metadata={"weights": weights, "pairs": str(len(items))})
+            os.replace(tmp, path)
+        out[name] = annotate(items, logps)
+    if model is not None:
+        del model
+        gc.collect()
+    return out

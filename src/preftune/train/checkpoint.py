@@ -70,16 +70,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable state for a checkpoint; tied weights are stored once (safetensors refuses shared storage)."""
-    seen: dict[int, str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = name
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
+    """The trainable parameters (all of them in full fine-tuning, only the adapter with LoRA): frozen weights
+    are rebuilt from the model spec on resume. Tied weights appear once (named_parameters deduplicates)."""
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -122,10 +115,11 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     """Restore everything saved by :func:`save_checkpoint`; returns the trainer state dict."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    if unexpected or set(missing) - tied - {k for k in missing if k.endswith("lm_head.weight")}:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise RuntimeError(f"checkpoint {path} does not match the model's trainable parameters: "
+                           f"missing={sorted(trainable - set(weights))[:5]} unexpected={sorted(set(weights) - trainable)[:5]}")
+    model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])

@@ -38,8 +38,17 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def setup_threads(cfg: Config) -> None:
+    """Thread count, and every global RNG seeded from ``train.seed`` (anything random that is not explicitly
+    seeded elsewhere is still reproducible)."""
+    import random
+
+    import numpy as np
+
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
 
 
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -53,16 +62,35 @@ def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def save_model(model: torch.nn.Module, tokenizer, path: Path) -> Path:
-    """HF-format safetensors directory, written atomically (temporary directory, then rename)."""
+def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Path:
+    """HF-format safetensors directory (full weights, or a peft adapter), written atomically (temporary
+    directory, then rename). ``extra(tmp_dir)`` may add files before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def save_policy(cfg: Config, policy: torch.nn.Module, tokenizer, run_dir: Path) -> None:
+    """``RUN/policy``: full weights, or the LoRA adapter (+ ``RUN/policy-merged`` when lora.export_merged).
+    An adapter directory records its base model spec so ``load_causal_lm`` can rebuild it offline."""
+    import json
+
+    from preftune.models.lora import BASE_FILE, is_peft_model
+
+    if not is_peft_model(policy):
+        save_model(policy, tokenizer, run_dir / "policy")
+        return
+    base = json.dumps({"model": cfg.model, "seed": cfg.train.seed})
+    save_model(policy, tokenizer, run_dir / "policy", extra=lambda tmp: (tmp / BASE_FILE).write_text(base))
+    if cfg.lora.export_merged:
+        save_model(policy.merge_and_unload(), tokenizer, run_dir / "policy-merged")

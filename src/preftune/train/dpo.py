@@ -9,24 +9,38 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import Config
-from preftune.errors import InputError
+from preftune.config import Config, ConfigError
 from preftune.data.collate import collate_pairs
 from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TokenizedPair, TruncationStats, tokenize_pair
-from preftune.losses import PreferenceLoss, get_loss
+from preftune.errors import InputError
+from preftune.losses import PreferenceLoss, get_loss, loss_params
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-from preftune.models.logprobs import SequenceLogps, sequence_logps
-from preftune.models.reference import FrozenReference
-from preftune.train.common import pick_device, resolve_precision, save_model, setup_threads, split_eval
+from preftune.models.logprobs import SequenceLogps, autocast_context, sequence_logps
+from preftune.models.lora import apply_lora
+from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
+                                       weights_identity)
+from preftune.train.common import pick_device, resolve_precision, save_policy, setup_threads, split_eval
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
 log = logging.getLogger(__name__)
+Reference = FrozenReference | AdapterReference | PrecomputedReference
 
 
 def loss_from_config(cfg: Config) -> PreferenceLoss:
-    return get_loss(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+    """The configured loss. An option the chosen loss does not take is refused, never silently ignored."""
+    accepted = loss_params(cfg.dpo.loss)
+    params = {"beta": cfg.dpo.beta}
+    optional = {"label_smoothing": cfg.dpo.label_smoothing or None, "gamma": cfg.dpo.gamma,
+                "average_log_probs": cfg.dpo.average_log_probs}
+    for name, value in optional.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ConfigError(f"config key 'dpo.{name}' is set but loss '{cfg.dpo.loss}' does not use it")
+        params[name] = value
+    return get_loss(cfg.dpo.loss, **params)
 
 
 def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
@@ -38,7 +52,8 @@ def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], l
         if not path:
             out.append([])
             continue
-        pairs, report = read_preference_pairs(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
+        pairs, report = read_preference_pairs(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit,
+                                                  max_pairs_per_prompt=cfg.data.max_pairs_per_prompt)
         if report.skipped:
             log.warning("%s: %s", path, report.summary())
         stats = TruncationStats()
@@ -70,9 +85,10 @@ class DPOOutputs:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def dpo_forward(policy: torch.nn.Module, reference: FrozenReference | None, loss_fn: PreferenceLoss,
-                batch: dict[str, torch.Tensor]) -> DPOOutputs:
-    """Per-pair losses and the field's metrics as (sum, count) for a stacked batch of B pairs."""
+def dpo_forward(policy: torch.nn.Module, reference: Reference | None, loss_fn: PreferenceLoss,
+                batch: dict[str, torch.Tensor], sft_weight: float = 0.0) -> DPOOutputs:
+    """Per-pair losses and the field's metrics as (sum, count) for a stacked batch of B pairs.
+    ``sft_weight`` > 0 adds the length-averaged NLL of each chosen response (RPO-style), for any loss."""
     n = batch["input_ids"].shape[0] // 2
     pol = policy_logps(policy, batch)
     pol_red = _reduce_logps(pol, loss_fn.reduction)
@@ -82,10 +98,15 @@ def dpo_forward(policy: torch.nn.Module, reference: FrozenReference | None, loss
         ref_red = _reduce_logps(reference.logps(batch), loss_fn.reduction)
         ref_c, ref_r = ref_red[:n], ref_red[n:]
     out = loss_fn(pol_red[:n], pol_red[n:], ref_c, ref_r)
+    losses = out.losses
+    nll = -pol.logps[:n] / pol.n_tokens[:n].clamp(min=1)
+    if sft_weight:
+        losses = losses + sft_weight * nll
     count = torch.tensor(float(n), device=out.losses.device)
     chosen_logps, rejected_logps = pol.logps[:n].detach(), pol.logps[n:].detach()
     stats = {
-        "loss": (out.losses.detach().sum(), count),
+        "loss": (losses.detach().sum(), count),
+        "nll/chosen": (nll.detach().sum(), count),
         "rewards/chosen": (out.chosen_rewards.sum(), count),
         "rewards/rejected": (out.rejected_rewards.sum(), count),
         "rewards/accuracies": ((out.chosen_rewards > out.rejected_rewards).float().sum(), count),
@@ -93,34 +114,82 @@ def dpo_forward(policy: torch.nn.Module, reference: FrozenReference | None, loss
         "logps/chosen": (chosen_logps.sum(), count),
         "logps/rejected": (rejected_logps.sum(), count),
     }
-    return DPOOutputs(out.losses, stats)
+    return DPOOutputs(losses, stats)
 
 
-def dpo_step(policy, reference, loss_fn, batch) -> StepOutput:
-    result = dpo_forward(policy, reference, loss_fn, batch)
+def dpo_step(policy, reference, loss_fn, sft_weight, batch) -> StepOutput:
+    result = dpo_forward(policy, reference, loss_fn, batch, sft_weight)
     return StepOutput(loss=result.losses.sum(), stats=result.stats,
                       tokens=int(batch["attention_mask"].sum()), pairs=int(batch["input_ids"].shape[0] // 2))
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_id: int, batch_size: int,
-                   device: torch.device) -> dict[str, float]:
-    """Held-out preference metrics, averaged exactly over all pairs."""
+                   device: torch.device, sft_weight: float = 0.0, precision: str = "fp32") -> dict[str, float]:
+    """Held-out preference metrics, averaged exactly over all pairs, under the training precision (so that
+    precomputed reference log-probs and live ones agree)."""
     was_training = policy.training
     policy.eval()
     acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in collate_pairs(items[start:start + batch_size], pad_id).items()}
-        for name, (s, c) in dpo_forward(policy, reference, loss_fn, batch).stats.items():
+        with autocast_context(device, precision):
+            stats = dpo_forward(policy, reference, loss_fn, batch, sft_weight).stats
+        for name, (s, c) in stats.items():
             acc[name] = (acc[name][0] + s, acc[name][1] + c) if name in acc else (s, c)
     policy.train(was_training)
     return {name: (s / c).item() for name, (s, c) in acc.items()}
 
 
+def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
+    mode = cfg.reference.mode
+    if not loss_fn.needs_reference:
+        if mode not in ("none", "model"):
+            raise ConfigError(f"loss '{loss_fn.name}' is reference-free: set reference.mode=none, not {mode!r}")
+        return "none"
+    if mode == "none":
+        raise ConfigError(f"loss '{loss_fn.name}' needs a reference: reference.mode=none only suits simpo/orpo")
+    if mode == "adapter" and cfg.ref_model not in (None, cfg.model):
+        raise ConfigError("reference.mode=adapter: the reference is the policy's own base weights, so ref_model "
+                          "cannot name another model (use reference.mode=model or precomputed)")
+    return mode
+
+
+def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, splits: dict[str, list],
+                               device: torch.device, precision: str) -> tuple[torch.nn.Module, Reference | None, dict]:
+    """Load the policy (LoRA-wrapped when asked or implied) and the reference strategy. With ``precomputed``
+    the reference log-probs are computed (or read from the cache) first, and the reference model is freed
+    before the policy loads."""
+    mode = resolve_reference_mode(cfg, loss_fn)
+    ref_spec = cfg.ref_model or cfg.model
+    load_ref = functools.partial(load_reference, ref_spec, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    if mode == "precomputed":
+        d = cfg.data
+        settings = {"max_length": d.max_length, "max_prompt_tokens": d.max_prompt_tokens,
+                    "prompt_overflow": d.prompt_overflow, "append_eos": d.append_eos}
+        splits = precompute(splits, load_model=load_ref, weights=weights_identity(ref_spec, cfg.train.seed),
+                            tokenizer=tokenizer, settings=settings, pad_id=tokenizer.pad_token_id,
+                            batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
+                            root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)
+    policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora.enabled or mode == "adapter":
+        policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
+    policy = policy.to(device)
+    reference: Reference | None = {
+        "model": lambda: FrozenReference(load_ref().to(device)),
+        "adapter": lambda: AdapterReference(policy),
+        "precomputed": PrecomputedReference,
+        "none": lambda: None,
+    }[mode]()
+    log.info("reference: %s", mode)
+    return policy, reference, splits
+
+
 def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
-    """Train a policy with DPO; returns a summary dict (run_dir, final metrics)."""
+    """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     setup_threads(cfg)
     loss_fn = loss_from_config(cfg)
+    resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "dpo")
@@ -128,24 +197,22 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     precision = resolve_precision(cfg, device)
     log.info("DPO on %s: %d train / %d eval pairs, device=%s precision=%s, loss=%s", cfg.model,
              len(train_items), len(eval_items), device, precision, loss_fn.name)
-    policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
-    reference = None
-    if loss_fn.needs_reference:
-        ref_model = load_reference(cfg.ref_model or cfg.model, seed=cfg.train.seed,
-                                   trust_remote_code=cfg.trust_remote_code).to(device)
-        reference = FrozenReference(ref_model)
+    policy, reference, splits = build_policy_and_reference(
+        cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision)
+    train_items, eval_items = splits["train"], splits["eval"]
     pad_id = tokenizer.pad_token_id
+    sft_weight = cfg.dpo.sft_weight
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, policy, reference, loss_fn, eval_items, pad_id,
-                                    cfg.train.eval_batch_size, device)
+                                    cfg.train.eval_batch_size, device, sft_weight, precision)
     result = fit(
         model=policy, items=train_items, collate=functools.partial(collate_pairs, pad_id=pad_id),
-        step_fn=functools.partial(dpo_step, policy, reference, loss_fn),
+        step_fn=functools.partial(dpo_step, policy, reference, loss_fn, sft_weight),
         weight_fn=lambda b: float(b["n_pairs"]), cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn,
         resume=resume, device=device, precision=precision,
     )
-    save_model(policy, tokenizer, run_dir / "policy")
+    save_policy(cfg, policy, tokenizer, run_dir)
     if cfg.run.plot:
         from preftune.eval.plots import plot_training
 

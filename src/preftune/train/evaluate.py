@@ -2,44 +2,68 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from preftune.config import Config
-from preftune.data.tokenize import TruncationStats, tokenize_pair
 from preftune.data.records import read_preference_pairs
+from preftune.data.tokenize import TruncationStats, tokenize_pair
 from preftune.errors import InputError
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-from preftune.models.reference import FrozenReference
-from preftune.train.common import pick_device, setup_threads
-from preftune.train.dpo import evaluate_pairs, loss_from_config
+from preftune.models.lora import base_of, is_adapter_dir
+from preftune.models.reference import FrozenReference, PrecomputedReference, precompute, weights_identity
+from preftune.train.common import pick_device, resolve_precision, setup_threads
+from preftune.train.dpo import evaluate_pairs, loss_from_config, resolve_reference_mode
+
+
+def _reference_spec(cfg: Config, mode: str) -> str | None:
+    """The reference is named explicitly, never guessed from the policy (which may be the trained model):
+    ``ref_model``, or for an adapter run the adapter's own base model."""
+    if mode == "none":
+        return None
+    if cfg.ref_model:
+        return cfg.ref_model
+    if mode == "adapter" and is_adapter_dir(cfg.model):
+        return base_of(cfg.model)[0]
+    raise InputError("set ref_model=... (the reference the policy was trained against)")
 
 
 def run_eval(cfg: Config, *, out: str | None = None) -> dict:
-    """Metrics of ``cfg.model`` vs ``cfg.ref_model`` on ``data.eval`` (or ``data.train``)."""
+    """Metrics of ``cfg.model`` vs its reference on ``data.eval`` (or ``data.train``)."""
     setup_threads(cfg)
     path = cfg.data.eval or cfg.data.train
     if not path:
         raise InputError("no evaluation data: set data.eval=PATH")
-    if cfg.ref_model is None:
-        raise InputError("set ref_model=... (the reference the policy was trained against)")
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    pairs, report = read_preference_pairs(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
-    stats = TruncationStats()
-    items = [tokenize_pair(tokenizer, p, max_length=cfg.data.max_length, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                           prompt_overflow=cfg.data.prompt_overflow,
-                           append_eos=cfg.data.append_eos, stats=stats) for p in pairs]
-    device = pick_device()
     loss_fn = loss_from_config(cfg)
-    policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
+    mode = resolve_reference_mode(cfg, loss_fn)
+    ref_spec = _reference_spec(cfg, mode)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pairs, report = read_preference_pairs(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit,
+                                                  max_pairs_per_prompt=cfg.data.max_pairs_per_prompt)
+    stats = TruncationStats()
+    d = cfg.data
+    items = [tokenize_pair(tokenizer, p, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
+                           prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for p in pairs]
+    device = pick_device()
+    precision = resolve_precision(cfg, device)
+    load_ref = functools.partial(load_reference, ref_spec, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     reference = None
-    if loss_fn.needs_reference:
-        reference = FrozenReference(load_reference(cfg.ref_model, seed=cfg.train.seed,
-                                                   trust_remote_code=cfg.trust_remote_code).to(device))
+    if mode == "precomputed":
+        settings = {"max_length": d.max_length, "max_prompt_tokens": d.max_prompt_tokens,
+                    "prompt_overflow": d.prompt_overflow, "append_eos": d.append_eos}
+        items = precompute({"eval": items}, load_model=load_ref, weights=weights_identity(ref_spec, cfg.train.seed),
+                           tokenizer=tokenizer, settings=settings, pad_id=tokenizer.pad_token_id,
+                           batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
+                           root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)["eval"]
+        reference = PrecomputedReference()
+    elif mode in ("model", "adapter"):
+        reference = FrozenReference(load_ref().to(device))
+    policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
     metrics = evaluate_pairs(policy, reference, loss_fn, items, tokenizer.pad_token_id, cfg.train.eval_batch_size,
-                             device)
-    result = {"model": cfg.model, "ref_model": cfg.ref_model, "data": str(path), "pairs": len(items),
-              "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
+                             device, cfg.dpo.sft_weight, precision)
+    result = {"model": cfg.model, "ref_model": ref_spec, "reference_mode": mode, "data": str(path),
+              "pairs": len(items), "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
     if out:
         Path(out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

@@ -20,7 +20,8 @@ from preftune.data.records import read_sft_examples
 from preftune.data.tokenize import TokenizedExample, TruncationStats, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.logprobs import sequence_logps
-from preftune.train.common import pick_device, resolve_precision, save_model, setup_threads, split_eval
+from preftune.models.lora import apply_lora
+from preftune.train.common import pick_device, resolve_precision, save_policy, setup_threads, split_eval
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
@@ -88,7 +89,10 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),
              len(eval_items), device, precision)
-    model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
+    model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
+    model = model.to(device)
     pad_id = tokenizer.pad_token_id
     eval_fn = None
     if eval_items:
@@ -96,7 +100,7 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
                  step_fn=functools.partial(sft_step, model), weight_fn=_weight, cfg=cfg.train, run_dir=run_dir,
                  eval_fn=eval_fn, resume=resume, device=device, precision=precision)
-    save_model(model, tokenizer, run_dir / "policy")
+    save_policy(cfg, model, tokenizer, run_dir)
     if cfg.run.plot:
         from preftune.eval.plots import plot_training
 
