@@ -1,4 +1,4 @@
-"""``preftune {demo,sft,dpo,eval,sample,score}``: parse the config and overrides, call run_*. No logic here.
+"""``preftune {demo,sft,dpo,eval,sample,score,...}``: parse the config and overrides, call run_*. No logic here.
 
 Config-driven commands take an optional YAML file and ``dotted.key=value`` overrides, e.g.
 ``preftune dpo model=tiny data.train=pairs.jsonl train.max_steps=10 run.dir=runs/x``.
@@ -109,6 +109,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# Commands defined next to their code: each module exposes ``register(subparsers)`` that adds a subparser whose
+# ``func(args) -> int`` does the work. Modules must import cheaply (heavy imports inside ``func``).
+_COMMAND_MODULES = (
+    "preftune.train.reward_cli",
+    "preftune.train.ppo_cli",
+    "preftune.experiments.frontier_cli",
+    "preftune.benchmark.cli",
+)
+
+
+def _register_modules(sub) -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="preftune", description="Direct preference optimisation, offline-first.")
@@ -163,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a ~3 minute version (fewer prompts and steps)")
     p.add_argument("--out", help="run directory (default runs/demo-<time>)")
     p.set_defaults(func=cmd_demo)
+    _register_modules(sub)
     return parser
 
 
