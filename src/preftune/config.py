@@ -54,6 +54,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 16
     precision: str = "auto"  # auto | fp32 | bf16 (autocast for the transformer body; log-probs are always fp32)
+    layout: str = "auto"  # auto | padded | prefix_shared (one [prompt][chosen][rejected] row per pair)
+    compile: bool = False  # torch.compile the policy's decoder in place (GPU; costs compile time up front)
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     progress: bool = True  # live progress bar
 
@@ -112,6 +114,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("rmsprop", "adamw"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.layout": ("auto", "padded", "prefix_shared"),
     "reference.mode": ("model", "adapter", "precomputed", "none"),
 }
 

@@ -134,3 +134,18 @@ def test_crash_mid_save_leaves_previous_checkpoint_usable(tmp_path, pairs_file):
     resumed = _cli(["dpo", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 8
+
+
+def test_prefix_shared_training_matches_padded(tmp_path, pairs_file):
+    from preftune.train.dpo import run_dpo
+
+    rows = {}
+    for layout in ("padded", "prefix_shared"):
+        cfg = load_config(None, COMMON + [f"data.train={pairs_file}", f"data.eval={pairs_file}", "train.max_steps=3",
+                                          "train.batch_size=4", f"train.layout={layout}", "train.eval_every=3",
+                                          f"run.dir={tmp_path / layout}"])
+        run_dpo(cfg)
+        rows[layout] = read_metrics(tmp_path / layout / "metrics.jsonl")
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss"):
+        assert [r[key] for r in rows["padded"] if key in r] == pytest.approx(
+            [r[key] for r in rows["prefix_shared"] if key in r], rel=1e-4, abs=1e-5), key

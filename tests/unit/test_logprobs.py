@@ -81,3 +81,35 @@ def test_gradients_flow_only_through_completion_logits(tiny_model, tiny_tokenize
     out.logps.sum().backward()
     assert tiny_model.model.embed_tokens.weight.grad is not None
     assert torch.isfinite(tiny_model.model.embed_tokens.weight.grad).all()
+
+
+def test_prefix_shared_layout_equals_padded_layout(tiny_model, tiny_tokenizer):
+    """One [prompt][chosen][rejected] row per pair (prompt computed once) gives the same per-sequence log-probs
+    as separate padded rows, with pairs of different lengths (padding inside the batch)."""
+    from preftune.data.collate import collate_pairs_prefix_shared
+    from preftune.models.logprobs import batch_logps, completion_counts
+
+    items = _pairs(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    padded = collate_pairs(items, pad)
+    shared = collate_pairs_prefix_shared(items, pad)
+    a, b = batch_logps(tiny_model, padded), batch_logps(tiny_model, shared)
+    assert torch.allclose(a.logps, b.logps, atol=1e-4), (a.logps, b.logps)
+    assert torch.equal(a.n_tokens, b.n_tokens)
+    assert torch.equal(completion_counts(shared), a.n_tokens)
+    # tokens/s accounting is layout-independent (the prompt counts once per sequence), while the row is shorter
+    assert int(shared["n_positions"]) == int(padded["n_positions"])
+    assert shared["input_ids"].numel() < padded["input_ids"].numel()
+
+
+def test_prefix_shared_mask_hides_chosen_from_rejected(tiny_tokenizer):
+    from preftune.data.collate import collate_pairs_prefix_shared
+
+    item = _pairs(tiny_tokenizer)[0]
+    batch = collate_pairs_prefix_shared([item], tiny_tokenizer.pad_token_id)
+    mask = batch["attention_mask"][0, 0]
+    lp, lc, lr = len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)
+    assert not mask[lp + lc:, lp: lp + lc].any()  # rejected never sees chosen
+    assert mask[lp + lc:, :lp].all()  # but sees the whole prompt
+    assert batch["position_ids"][0, lp + lc].item() == lp  # positions restart after the prompt
+    assert not mask.triu(1).any()  # causal

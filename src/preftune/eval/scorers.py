@@ -279,13 +279,19 @@ def _oracle_for(cache_root: Path) -> SentimentOracle:
 
 
 def get_scorer(name: str) -> Scorer:
-    """``"sentiment"`` (the oracle, P(positive)) or ``"vader"`` (compound score)."""
+    """``"sentiment"`` (the oracle, P(positive)), ``"vader"`` (compound score) or ``"rm:PATH"`` (the reward
+    model saved at PATH by ``preftune reward``; normalised scores, field ``score_rm``)."""
     if name == "sentiment":
         return _oracle_for(paths.cache_dir())
     if name == "vader":
         return VaderScorer()
-    # Reward-model scorers ("rm:PATH") plug in here, before the error.
-    raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORER_NAMES)}")
+    if name.startswith("rm:"):
+        if not name[3:]:
+            raise ValueError("scorer 'rm:PATH' needs the reward model directory, e.g. rm:runs/x/reward_model")
+        from preftune.models.reward_model import RewardModelScorer
+
+        return RewardModelScorer(name[3:])
+    raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORER_NAMES)}, rm:PATH")
 
 
 def score_file(in_path: str | Path, out_path: str | Path, scorer_name: str) -> float:

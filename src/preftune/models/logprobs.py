@@ -1,5 +1,8 @@
 """The ONLY place that turns hidden states + labels into per-token and per-sequence log-probs.
 
+Two batch layouts share it: padded rows (labels with IGNORE_INDEX; state t predicts token t + 1) and
+prefix-shared rows ``[prompt][chosen][rejected]`` (explicit (row, source position, target) triples).
+
 Shift, mask and reduction happen here, in fp32. Only completion positions (labels != IGNORE_INDEX) go
 through the LM head, in chunks, so the full-vocabulary logits of prompt and padding positions are never
 materialised (for SmolLM2 a (B, T, 49152) fp32 tensor is the largest thing a naive step allocates).
@@ -60,6 +63,36 @@ def _head_logps(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, ch
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def gathered_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    rows: torch.Tensor,
+    src: torch.Tensor,
+    targets: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """(N,) fp32 log p(targets[n] | the hidden state at (rows[n], src[n])).
+
+    The general form behind both layouts: in the padded layout the state at position t predicts the token at
+    t + 1; in the prefix-shared layout the last prompt position predicts the first token of BOTH responses.
+    ``attention_mask`` is (B, T) or a (B, 1, T, T) boolean mask (True = may attend).
+    """
+    assert rows.shape == src.shape == targets.shape and rows.dim() == 1
+    kwargs = {"attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    split = _split_head(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
+        return _head_logps(head, hidden[rows, src], targets, chunk_tokens)
+    logits = model(input_ids=input_ids, **kwargs).logits
+    return logits[rows, src].float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -69,27 +102,17 @@ def token_logps(
     position_ids: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the completion tokens.
+    """Log-probs of the completion tokens of a padded batch.
 
     Args: ``input_ids``, ``attention_mask``, ``labels``: (B, T); labels hold IGNORE_INDEX at prompt and
     padding positions. Returns ``(tok_logps (N,), row (N,))``: fp32 log p(labels[b, t] | tokens < t) for
     each of the N completion positions, and the row b each belongs to.
     """
     assert input_ids.shape == labels.shape == attention_mask.shape, (input_ids.shape, labels.shape)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    rows = mask.nonzero()[:, 0]
-    split = _split_head(model)
-    kwargs = {"attention_mask": attention_mask, "use_cache": False}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if split is not None:
-        decoder, head = split
-        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state[:, :-1]
-        return _head_logps(head, hidden[mask], targets[mask], chunk_tokens), rows
-    logits = model(input_ids=input_ids, **kwargs).logits[:, :-1]
-    selected = logits[mask].float()
-    return selected.log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1), rows
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    tok = gathered_logps(model, input_ids, attention_mask, rows=rows, src=cols, targets=labels[rows, cols + 1],
+                         position_ids=position_ids, chunk_tokens=chunk_tokens)
+    return tok, rows
 
 
 def sequence_logps(
@@ -104,10 +127,31 @@ def sequence_logps(
     """Per-sequence summed completion log-probs (B,) and completion token counts (B,), fp32."""
     tok, rows = token_logps(model, input_ids, attention_mask, labels,
                             position_ids=position_ids, chunk_tokens=chunk_tokens)
-    batch = input_ids.shape[0]
-    logps = torch.zeros(batch, dtype=torch.float32, device=input_ids.device).index_add(0, rows, tok)
-    n_tokens = torch.bincount(rows, minlength=batch).to(torch.float32)
+    return _segment_sums(tok, rows, input_ids.shape[0])
+
+
+def _segment_sums(tok: torch.Tensor, segments: torch.Tensor, n: int) -> SequenceLogps:
+    logps = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, segments, tok)
+    n_tokens = torch.bincount(segments, minlength=n).to(torch.float32)
     return SequenceLogps(logps=logps, n_tokens=n_tokens)
+
+
+def batch_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+    """Per-sequence log-probs of a collated batch in either layout: padded rows (``labels``) or prefix-shared
+    rows (``gather_*`` index tensors from ``collate_pairs_prefix_shared``). For pair batches the result has 2B
+    entries, chosen first."""
+    if "gather_src" not in batch:
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    tok = gathered_logps(model, batch["input_ids"], batch["attention_mask"], rows=batch["gather_rows"],
+                         src=batch["gather_src"], targets=batch["gather_targets"], position_ids=batch["position_ids"])
+    return _segment_sums(tok, batch["gather_segments"], 2 * int(batch["n_pairs"]))
+
+
+def completion_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) number of completion tokens per sequence, for either layout (no forward pass)."""
+    if "gather_segments" in batch:
+        return torch.bincount(batch["gather_segments"], minlength=2 * int(batch["n_pairs"])).to(torch.float32)
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).to(torch.float32)
 
 
 def autocast_context(device: torch.device, precision: str):

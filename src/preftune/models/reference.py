@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from preftune.data.collate import collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.models.logprobs import IGNORE_INDEX, SequenceLogps, autocast_context, sequence_logps
+from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps, completion_counts, sequence_logps
 from preftune.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class FrozenReference:
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         assert not self.model.training, "the reference model must stay in eval mode"
-        return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return batch_logps(self.model, batch)
 
 
 class AdapterReference:
@@ -53,7 +53,7 @@ class AdapterReference:
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         with self.model.disable_adapter():
-            return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            return batch_logps(self.model, batch)
 
 
 class PrecomputedReference:
@@ -63,8 +63,7 @@ class PrecomputedReference:
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         if "ref_logps" not in batch:
             raise RuntimeError("precomputed reference: the batch carries no ref_logps (items were not annotated)")
-        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).to(torch.float32)
-        return SequenceLogps(logps=batch["ref_logps"].to(torch.float32), n_tokens=n_tokens)
+        return SequenceLogps(logps=batch["ref_logps"].to(torch.float32), n_tokens=completion_counts(batch))
 
 
 # ---- precompute + cache ----------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config, ConfigError
-from preftune.data.collate import collate_pairs
+from preftune.data.collate import collate_pairs, pair_collator
 from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TokenizedPair, TruncationStats, tokenize_pair
 from preftune.errors import InputError
 from preftune.losses import PreferenceLoss, get_loss, loss_params
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-from preftune.models.logprobs import SequenceLogps, autocast_context, sequence_logps
+from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps
 from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
@@ -71,8 +71,8 @@ def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], l
 
 
 def policy_logps(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """One concatenated forward over the stacked chosen and rejected rows."""
-    return sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    """One forward over the batch: stacked chosen and rejected rows, or one prefix-shared row per pair."""
+    return batch_logps(policy, batch)
 
 
 def _reduce_logps(out: SequenceLogps, reduction: str) -> torch.Tensor:
@@ -89,7 +89,7 @@ def dpo_forward(policy: torch.nn.Module, reference: Reference | None, loss_fn: P
                 batch: dict[str, torch.Tensor], sft_weight: float = 0.0) -> DPOOutputs:
     """Per-pair losses and the field's metrics as (sum, count) for a stacked batch of B pairs.
     ``sft_weight`` > 0 adds the length-averaged NLL of each chosen response (RPO-style), for any loss."""
-    n = batch["input_ids"].shape[0] // 2
+    n = int(batch["n_pairs"])
     pol = policy_logps(policy, batch)
     pol_red = _reduce_logps(pol, loss_fn.reduction)
     ref_c = ref_r = None
@@ -120,25 +120,36 @@ def dpo_forward(policy: torch.nn.Module, reference: Reference | None, loss_fn: P
 def dpo_step(policy, reference, loss_fn, sft_weight, batch) -> StepOutput:
     result = dpo_forward(policy, reference, loss_fn, batch, sft_weight)
     return StepOutput(loss=result.losses.sum(), stats=result.stats,
-                      tokens=int(batch["attention_mask"].sum()), pairs=int(batch["input_ids"].shape[0] // 2))
+                      tokens=int(batch["n_positions"]), pairs=int(batch["n_pairs"]))
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_id: int, batch_size: int,
-                   device: torch.device, sft_weight: float = 0.0, precision: str = "fp32") -> dict[str, float]:
+                   device: torch.device, sft_weight: float = 0.0, precision: str = "fp32",
+                   collate=collate_pairs) -> dict[str, float]:
     """Held-out preference metrics, averaged exactly over all pairs, under the training precision (so that
     precomputed reference log-probs and live ones agree)."""
     was_training = policy.training
     policy.eval()
     acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(items[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size], pad_id).items()}
         with autocast_context(device, precision):
             stats = dpo_forward(policy, reference, loss_fn, batch, sft_weight).stats
         for name, (s, c) in stats.items():
             acc[name] = (acc[name][0] + s, acc[name][1] + c) if name in acc else (s, c)
     policy.train(was_training)
     return {name: (s / c).item() for name, (s, c) in acc.items()}
+
+
+def resolve_layout(cfg: Config, items: list[TokenizedPair]) -> str:
+    """``auto``: share the prompt (one row per pair) when prompts are at least as long as the responses on
+    average, i.e. when recomputing the prompt for the rejected response would cost as much as the response."""
+    if cfg.train.layout != "auto":
+        return cfg.train.layout
+    prompt = sum(len(p.prompt_ids) for p in items)
+    response = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in items) / 2
+    return "prefix_shared" if items and prompt >= response else "padded"
 
 
 def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
@@ -175,6 +186,8 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
     policy = policy.to(device)
+    if cfg.train.compile:
+        policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
         "model": lambda: FrozenReference(load_ref().to(device)),
         "adapter": lambda: AdapterReference(policy),
@@ -195,8 +208,11 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "dpo")
     device = pick_device()
     precision = resolve_precision(cfg, device)
-    log.info("DPO on %s: %d train / %d eval pairs, device=%s precision=%s, loss=%s", cfg.model,
-             len(train_items), len(eval_items), device, precision, loss_fn.name)
+    layout = resolve_layout(cfg, train_items)
+    log.info("DPO on %s: %d train / %d eval pairs, device=%s precision=%s layout=%s loss=%s (change with "
+             "train.precision / train.layout / dpo.loss)", cfg.model, len(train_items), len(eval_items), device,
+             precision, layout, loss_fn.name)
+    collate = pair_collator(layout)
     policy, reference, splits = build_policy_and_reference(
         cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision)
     train_items, eval_items = splits["train"], splits["eval"]
@@ -205,9 +221,9 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, policy, reference, loss_fn, eval_items, pad_id,
-                                    cfg.train.eval_batch_size, device, sft_weight, precision)
+                                    cfg.train.eval_batch_size, device, sft_weight, precision, collate)
     result = fit(
-        model=policy, items=train_items, collate=functools.partial(collate_pairs, pad_id=pad_id),
+        model=policy, items=train_items, collate=functools.partial(collate, pad_id=pad_id),
         step_fn=functools.partial(dpo_step, policy, reference, loss_fn, sft_weight),
         weight_fn=lambda b: float(b["n_pairs"]), cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn,
         resume=resume, device=device, precision=precision,

@@ -1,0 +1,79 @@
+"""``preftune bench``: preftune against TRL's DPOTrainer, side by side (imports nothing heavy until it runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Run preftune and TRL's DPOTrainer on the same model, data, batch size, sequence lengths, precision and optimizer
+(same lr, beta, max_grad_norm), each system in its own child process, interleaved; time several steps after
+warm-up and print pairs/s, policy tokens/s (non-padding tokens of the chosen + rejected sequences), peak memory
+(RSS on CPU, max allocated on GPU) and the preftune/TRL ratios. A correctness gate runs first: on the tiny
+model both must give the same per-sequence log-probs and DPO loss (to 1e-4), or the benchmark stops.
+
+systems: preftune | trl-default (TRL's defaults apart from the matched settings) | trl-best (gradient
+checkpointing off, no logging, no progress bar; precompute_ref_log_probs off).
+Needs TRL: pip install 'preftune[bench]'."""
+
+
+def register(subparsers) -> None:
+    from preftune.benchmark.systems import SYSTEMS
+
+    p = subparsers.add_parser("bench", help="benchmark against TRL's DPOTrainer, side by side",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="cpu-short only, 2 warm-up + 3 timed steps (< 3 min on 2 cores)")
+    p.add_argument("--out", metavar="FILE.json", help="write rows, per-system summary, ratios and the gate's result")
+    p.add_argument("--workloads", help="comma-separated (default: the CPU workloads, or the GPU ones when CUDA is "
+                                       "available): cpu-short, cpu-long-prompt, gpu-0.4b-short, gpu-0.4b-2k, "
+                                       "gpu-1.5b-short, gpu-1.5b-2k, gpu-1.5b-long-prompt")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated (default {','.join(SYSTEMS)})")
+    p.add_argument("--steps", type=int, help="timed steps per run (default: per workload)")
+    p.add_argument("--warmup-steps", type=int, help="untimed steps first, at least 1 (default: per workload)")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions; odd ones run the systems in reverse order")
+    p.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop", help="same for all (default rmsprop)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="same for all; auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
+    p.add_argument("--skip-gate", action="store_true", help=argparse.SUPPRESS)  # tests: the gate has its own
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("error: preftune bench needs TRL: pip install 'preftune[bench]'", file=sys.stderr)
+        return 2
+    import torch
+
+    from preftune.benchmark.gate import GateError
+    from preftune.benchmark.runner import Settings, format_table, run_benchmark
+    from preftune.benchmark.workloads import default_workloads
+
+    workloads = args.workloads.split(",") if args.workloads else default_workloads(args.quick, torch.cuda.is_available())
+    settings = Settings(optimizer=args.optimizer, precision=args.precision)
+    try:
+        doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
+                            repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,
+                            timeout_s=args.timeout, log=lambda m: print(m, flush=True))
+    except GateError as exc:
+        print(f"\nCORRECTNESS GATE FAILED: preftune and TRL do not compute the same thing; no timing was run.\n{exc}",
+              file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(doc["summary"], doc["ratios"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        print(f"\nwrote {args.out}")
+    failed = [r for r in doc["rows"] if r["error"] and not r.get("oom")]
+    for r in failed:
+        print(f"error: {r['workload']} / {r['system']} failed:\n{r['error']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,219 @@
+"""Run the benchmark: gate, then for each workload each system in its own child process, interleaved.
+
+Per workload the systems run in the given order (preftune, trl-default, trl-best); with ``repeat`` > 1 every
+other repetition runs them in reverse, so a slow drift of the machine (other load, heat) does not favour one
+system. Each child is a fresh interpreter: its peak RSS is its own, and no allocator or thread state carries over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from preftune.benchmark.systems import SYSTEMS
+from preftune.benchmark.workloads import WORKLOADS, Workload
+
+METRICS = ("pairs_per_s", "tokens_per_s", "peak_mem_gb", "step_s")
+
+
+@dataclass
+class Settings:
+    """Matched across systems (see systems.matched_overrides and systems.trl_args)."""
+
+    optimizer: str = "rmsprop"
+    lr: float = 5e-6
+    beta: float = 0.1
+    max_grad_norm: float = 10.0
+    precision: str = "auto"  # auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (preftune's rule)
+    seed: int = 0
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16"
+    from preftune.train.common import cpu_has_fast_bf16
+
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from preftune.train.common import cpu_has_fast_bf16
+
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_fast_bf16(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _child(job: dict, root: Path, timeout_s: float) -> dict:
+    """Run one system on one workload in a fresh interpreter; returns its result or {"error": ...}."""
+    job_path = root / f"job-{job['workload']}-{job['system']}-{job['rep']}.json"
+    result_path = job_path.with_suffix(".result.json")
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
+    if job["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # preftune picks CUDA whenever it sees one
+    try:
+        proc = subprocess.run([sys.executable, "-m", "preftune.benchmark.systems", str(job_path), str(result_path)],
+                              capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = proc.stderr.strip().splitlines()[-15:]
+        oom = any("OutOfMemoryError" in line or "out of memory" in line for line in tail)
+        return {"error": ("out of memory: " if oom else "") + "\n".join(tail), "oom": oom}
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict) -> dict:
+    row = {"workload": workload.name, "system": system, "rep": rep, "device": workload.device,
+           "model": workload.model, "precision": job["precision"], "pairs_per_step": workload.n_pairs,
+           "prompt_tokens_mean": job["prompt_tokens_mean"], "response_tokens_mean": job["response_tokens_mean"],
+           "warmup_steps": job["warmup_steps"], "timed_steps": job["timed_steps"]}
+    if "error" in result:
+        return {**row, **dict.fromkeys(METRICS), "error": result["error"], "oom": result.get("oom", False)}
+    steps = result["step_s_list"]
+    step_s = statistics.fmean(steps)
+    peak = result["peak_gpu_gb"] if workload.device == "cuda" else result["peak_rss_gb"]
+    return {**row, "pairs_per_s": workload.n_pairs / step_s, "tokens_per_s": result["tokens_per_step"] / step_s,
+            "peak_mem_gb": peak, "step_s": step_s, "step_s_median": statistics.median(steps),
+            "step_s_min": min(steps), "step_s_max": max(steps), "step_s_list": steps,
+            "peak_rss_gb": result["peak_rss_gb"], "peak_gpu_gb": result["peak_gpu_gb"],
+            "tokens_per_step": result["tokens_per_step"], "completion_tokens_per_step": job["completion_tokens_per_step"],
+            "tokens_match_preftune": result.get("tokens_match", True),
+            "until_first_timed_step_s": result["until_first_timed_step_s"], "torch_threads": result["torch_threads"],
+            "settings": result["settings"], "versions": result["versions"], "error": None}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One line per (workload, system), pooling repetitions: step_s = mean over all timed steps of all reps."""
+    out = []
+    keys = list(dict.fromkeys((r["workload"], r["system"]) for r in rows))
+    for workload, system in keys:
+        group = [r for r in rows if (r["workload"], r["system"]) == (workload, system) and not r["error"]]
+        if not group:
+            out.append({"workload": workload, "system": system, **dict.fromkeys(METRICS), "reps": 0})
+            continue
+        steps = [s for r in group for s in r["step_s_list"]]
+        step_s = statistics.fmean(steps)
+        out.append({"workload": workload, "system": system, "reps": len(group), "step_s": step_s,
+                    "pairs_per_s": group[0]["pairs_per_step"] / step_s,
+                    "tokens_per_s": group[0]["tokens_per_step"] / step_s,
+                    "peak_mem_gb": max(r["peak_mem_gb"] for r in group)})
+    return out
+
+
+def ratios(summary: list[dict]) -> list[dict]:
+    """preftune / TRL for every metric (> 1 means preftune has more of it: faster for pairs/s and tokens/s,
+    more memory for peak_mem_gb, slower for step_s)."""
+    out = []
+    by_key = {(s["workload"], s["system"]): s for s in summary}
+    for (workload, system), theirs in by_key.items():
+        ours = by_key.get((workload, "preftune"))
+        if system == "preftune" or ours is None:
+            continue
+        ratio = {m: (ours[m] / theirs[m] if ours[m] is not None and theirs[m] else None) for m in METRICS}
+        out.append({"workload": workload, "baseline": system, **ratio})
+    return out
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
+    lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11}"]
+    for s in summary:
+        lines.append(f"{s['workload']:22} {s['system']:12} {_fmt(s['step_s'], '8.3f')} {_fmt(s['pairs_per_s'], '8.2f')} "
+                     f"{_fmt(s['tokens_per_s'], '9.0f')} {_fmt(s['peak_mem_gb'], '11.2f')}")
+    if ratio_rows:
+        lines += ["", "preftune / TRL (pairs/s, tokens/s: >1 = preftune faster; peak_mem: <1 = preftune smaller)",
+                  f"{'workload':22} {'vs':12} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]
+        for r in ratio_rows:
+            lines.append(f"{r['workload']:22} {r['baseline']:12} {_fmt(r['pairs_per_s'], '8.2f')} "
+                         f"{_fmt(r['tokens_per_s'], '9.2f')} {_fmt(r['peak_mem_gb'], '9.2f')} {_fmt(r['step_s'], '8.2f')}")
+    return "\n".join(lines)
+
+
+def prepare_workload(workload: Workload, root: Path) -> dict:
+    """Model directory, data file and preftune's token counts for one workload (done once, in the parent)."""
+    from preftune.benchmark.workloads import make_records, prepare_model, sequence_budget, tokenize_records, write_jsonl
+    from preftune.models.load import load_tokenizer
+
+    model_dir = prepare_model(workload.model, root)
+    tokenizer = load_tokenizer(model_dir)
+    records = make_records(tokenizer, workload)
+    tokens = tokenize_records(tokenizer, records, workload)
+    max_length, max_prompt = sequence_budget(workload)
+    data = write_jsonl(root / f"{workload.name}.jsonl", records)
+    return {"model_dir": model_dir, "data": str(data), "max_length": max_length, "max_prompt_tokens": max_prompt,
+            "n_pairs": workload.n_pairs, "device": workload.device, "preftune_ids": tokens.pop("ids"), **tokens}
+
+
+def run_benchmark(*, workloads: list[str], systems: list[str], settings: Settings, quick: bool, repeat: int = 1,
+                  steps: tuple[int | None, int | None] = (None, None), gate: bool = True, timeout_s: float = 1800,
+                  log=print) -> dict:
+    """Everything ``preftune bench`` does but the printing of the final table; returns the JSON document."""
+    unknown = [s for s in systems if s not in SYSTEMS] + [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown system or workload: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)}; "
+                         f"workloads: {', '.join(WORKLOADS)})")
+    started = time.time()
+    doc: dict = {"meta": {"command": " ".join(["preftune", *sys.argv[1:]]) if sys.argv else "", "quick": quick,
+                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": hardware(),
+                          "settings": vars(settings), "repeat": repeat, "systems": systems, "workloads": workloads}}
+    if gate:
+        from preftune.benchmark.gate import run_gate
+
+        doc["gate"] = run_gate()
+        log(f"gate passed on tiny: max |Δ log-prob| policy {doc['gate']['max_abs_diff_policy_logps']:.2e}, "
+            f"reference {doc['gate']['max_abs_diff_ref_logps']:.2e}, |Δ loss| {doc['gate']['abs_diff_loss']:.2e}")
+    else:
+        doc["gate"] = None
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="preftune-bench-") as tmp:
+        root = Path(tmp)
+        for name in workloads:
+            w = WORKLOADS[name]
+            warm, timed = (w.quick or (w.warmup_steps, min(w.timed_steps, 3))) if quick else (w.warmup_steps, w.timed_steps)
+            warm, timed = steps[0] or warm, steps[1] or timed
+            prepared = prepare_workload(w, root)
+            base = {**prepared, **vars(settings), "precision": resolve_precision(settings.precision, w.device),
+                    "workload": name, "warmup_steps": warm, "timed_steps": timed}
+            log(f"{name}: {w.model}, {w.n_pairs} pairs/step, prompt {prepared['prompt_tokens_mean']:.0f} + response "
+                f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "
+                f"{base['precision']}, {warm} warm-up + {timed} timed steps")
+            for rep in range(repeat):
+                for system in (systems if rep % 2 == 0 else systems[::-1]):
+                    job = {**base, "system": system, "rep": rep, "out_dir": str(root / f"{name}-{system}-{rep}")}
+                    t0 = time.perf_counter()
+                    result = _child(job, root, timeout_s)
+                    row = make_row(w, system, rep, job, result)
+                    rows.append(row)
+                    log(f"  {system:12} " + (f"failed: {row['error'].splitlines()[-1] if row['error'] else ''}"
+                                             if row["error"] else
+                                             f"{row['step_s']:.3f} s/step  {row['pairs_per_s']:.2f} pairs/s  "
+                                             f"{row['tokens_per_s']:.0f} tokens/s  peak {row['peak_mem_gb']:.2f} GB")
+                        + f"  (child {time.perf_counter() - t0:.0f} s)")
+    summary = aggregate(rows)
+    doc.update(rows=rows, summary=summary, ratios=ratios(summary))
+    doc["meta"]["wall_s"] = time.time() - started
+    return doc

@@ -1,0 +1,167 @@
+"""What one benchmark child process runs: one system on one workload, timed step by step.
+
+    python -m preftune.benchmark.systems JOB.json RESULT.json
+
+Timing is the same for every system: a global optimizer post-step hook (``torch.optim.optimizer.
+register_optimizer_step_post_hook``) stamps the end of each optimizer step, after a device synchronise. The time of
+step k is stamp(k) - stamp(k-1): a whole iteration (data and collate, forward, backward, clipping, optimizer,
+logging), never model loading or data preparation. The first ``warmup_steps`` are not timed. Peak memory is read in
+the same hook: RSS high-water mark of this process (``resource.getrusage``; it includes loading both models) and,
+on CUDA, ``torch.cuda.max_memory_allocated``.
+
+Systems:
+- ``preftune``: the real ``run_dpo`` (config overrides only). The final checkpoint and policy save are replaced by
+  no-ops here: they come after the timed steps and TRL runs with ``save_strategy="no"``.
+- ``trl-default``: ``DPOTrainer`` with TRL's defaults apart from the matched settings (``MATCHED``).
+- ``trl-best``: the same plus what makes TRL fastest on one device (``TRL_BEST``).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+SYSTEMS = ("preftune", "trl-default", "trl-best")
+
+# TRL settings beyond the matched ones. Chosen for speed on one CPU or GPU:
+# - gradient checkpointing off (TRL turns it on by default: it recomputes the forward in the backward);
+# - no logging, no progress bar (TRL's per-step metric bookkeeping in _compute_loss cannot be switched off);
+# - precompute_ref_log_probs stays off: it would move the reference forward out of the timed steps into a one-off
+#   pass, which is another workload (compare it with preftune's reference.mode=precomputed, not with this one).
+# bf16 autocast is part of the matched precision (TRL's own default is bf16=True).
+TRL_BEST = {"gradient_checkpointing": False, "logging_strategy": "no", "disable_tqdm": True,
+            "precompute_ref_log_probs": False}
+
+
+class StepClock:
+    """Stamps (time, peak RSS, peak GPU memory) at the end of every optimizer step of any torch optimizer."""
+
+    def __init__(self, cuda: bool):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.cuda = cuda
+        self.times: list[float] = []
+        self.rss_gb: list[float] = []
+        self.gpu_gb: list[float] = []
+        self._handle = register_optimizer_step_post_hook(self._stamp)
+
+    def _stamp(self, optimizer, args, kwargs) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.gpu_gb.append(torch.cuda.max_memory_allocated() / 2**30)
+        self.times.append(time.perf_counter())
+        self.rss_gb.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB on Linux
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def matched_overrides(job: dict) -> list[str]:
+    """preftune config overrides that fix what both systems share."""
+    return [f"model={job['model_dir']}", f"data.train={job['data']}", f"data.max_length={job['max_length']}",
+            f"data.max_prompt_tokens={job['max_prompt_tokens']}", f"train.batch_size={job['n_pairs']}",
+            f"train.max_steps={job['warmup_steps'] + job['timed_steps']}", f"train.lr={job['lr']}",
+            f"train.optimizer={job['optimizer']}", f"train.max_grad_norm={job['max_grad_norm']}",
+            "train.warmup_steps=0", "train.schedule=constant", f"train.precision={job['precision']}",
+            f"train.seed={job['seed']}", f"dpo.beta={job['beta']}", "dpo.loss=sigmoid", "reference.mode=model"]
+
+
+def run_preftune(job: dict) -> dict:
+    from preftune.config import load_config
+    from preftune.train import dpo, loop
+
+    loop.save_checkpoint = lambda *a, **k: None  # after the timed steps; TRL saves nothing either
+    dpo.save_policy = lambda *a, **k: None
+    cfg = load_config(None, matched_overrides(job) + [f"run.dir={job['out_dir']}/run", "train.progress=false",
+                                                      "run.plot=false"])
+    dpo.run_dpo(cfg)
+    return {"settings": {"overrides": matched_overrides(job)[1:], "log_every": cfg.train.log_every}}
+
+
+def trl_args(job: dict, system: str) -> dict:
+    """DPOConfig keyword arguments: the matched settings, plus TRL_BEST for trl-best."""
+    matched = {
+        "per_device_train_batch_size": job["n_pairs"], "gradient_accumulation_steps": 1,
+        "max_steps": job["warmup_steps"] + job["timed_steps"], "learning_rate": job["lr"],
+        "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+        "optim": {"rmsprop": "rmsprop", "adamw": "adamw_torch"}[job["optimizer"]],
+        "max_grad_norm": job["max_grad_norm"], "beta": job["beta"], "loss_type": ["sigmoid"],
+        "bf16": job["precision"] == "bf16", "fp16": False, "max_length": job["max_length"], "seed": job["seed"],
+        "model_init_kwargs": {"dtype": "float32"},  # fp32 weights + autocast, as preftune
+        "save_strategy": "no", "report_to": "none",
+        "use_cpu": job["device"] == "cpu",  # transformers refuses bf16 on a machine without a GPU unless told
+    }
+    return {**matched, **(TRL_BEST if system == "trl-best" else {})}
+
+
+def run_trl(job: dict, system: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    kwargs = trl_args(job, system)
+    records = [json.loads(line) for line in Path(job["data"]).read_text(encoding="utf-8").splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    trainer = DPOTrainer(model=job["model_dir"], args=DPOConfig(output_dir=f"{job['out_dir']}/trl", **kwargs),
+                         train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    ids = [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in trainer.train_dataset]
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in ids)
+    trainer.train()
+    effective = {k: getattr(trainer.args, k) for k in ("gradient_checkpointing", "bf16", "logging_steps",
+                                                       "logging_strategy", "disable_tqdm", "precompute_ref_log_probs",
+                                                       "optim", "max_grad_norm", "learning_rate", "beta")}
+    return {"tokens_per_step": tokens, "tokens_match": ids == job["preftune_ids"],
+            "settings": {"DPOConfig": {k: str(v) for k, v in kwargs.items()},
+                         "effective": {k: str(v) for k, v in effective.items()}}}
+
+
+def run_job(job: dict) -> dict:
+    import torch
+
+    torch.manual_seed(job["seed"])
+    cuda = job["device"] == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("workload needs CUDA, none available")
+    start = time.perf_counter()
+    clock = StepClock(cuda)
+    try:
+        out = run_preftune(job) if job["system"] == "preftune" else run_trl(job, job["system"])
+    finally:
+        clock.close()
+    steps = job["warmup_steps"] + job["timed_steps"]
+    if len(clock.times) != steps:
+        raise RuntimeError(f"expected {steps} optimizer steps, the hook saw {len(clock.times)}")
+    warm = job["warmup_steps"]
+    step_s = [b - a for a, b in zip(clock.times[warm - 1:-1], clock.times[warm:])]
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if job["system"] != "preftune":
+        import trl
+
+        versions["trl"] = trl.__version__
+    return {
+        "step_s_list": step_s, "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
+        "until_first_timed_step_s": clock.times[warm - 1] - start, "torch_threads": torch.get_num_threads(),
+        "tokens_per_step": out.pop("tokens_per_step", job["tokens_per_step"]), "versions": versions, **out,
+    }
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    if job["warmup_steps"] < 1:
+        raise ValueError("warmup_steps must be >= 1: a step's time is measured from the previous step's end")
+    result = run_job(job)
+    Path(argv[1]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

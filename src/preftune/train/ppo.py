@@ -1,0 +1,419 @@
+"""``preftune ppo``: the RLHF baseline, PPO against a scorer, with its own explicit loop.
+
+Each iteration: take ``ppo.batch_size`` prompts (seeded order) -> sample one completion each from the policy
+-> score the full text (prompt + completion) with ``ppo.scorer`` -> policy, reference and value estimates on
+the exact sampled tokens -> KL-shaped per-token rewards -> GAE -> ``ppo.ppo_epochs`` epochs of minibatch
+updates of the clipped policy loss + ``vf_coef`` x clipped value loss (the maths: ``preftune.rl.ppo_math``).
+
+Value head: ``nn.Linear(hidden, 1)`` in fp32 on the policy's last decoder hidden states (after the final
+norm), sharing the body with the policy as TRL's ``AutoModelForCausalLMWithValueHead`` and Ziegler et al.
+do: value-loss gradients reach the transformer. It is zero-initialised, so the first value estimates are 0.
+The value of token t is read at the state that predicted it (the same position as its log-prob).
+
+Scorers: ``sentiment`` (the ground-truth oracle: the DPO paper's "PPO-GT"), ``vader`` or ``rm:PATH`` (a learned
+reward model), or any object with ``__call__(texts) -> scores`` passed to :func:`run_ppo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from preftune import faults
+from preftune.config import Config, ConfigError, DataConfig, DPOConfig, TrainConfig, load_config, save_config
+from preftune.errors import InputError
+from preftune.models.logprobs import IGNORE_INDEX, autocast_context, token_logps
+from preftune.rl.ppo_math import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss,
+                                  gae, kl_shaped_rewards, masked_sum, to_grid, token_entropy, whiten)
+
+log = logging.getLogger(__name__)
+EvalHook = Callable[[nn.Module, int], "dict[str, float] | None"]
+
+
+@dataclass
+class PPOSettings:
+    prompts: str = "rotten_tomatoes"  # rotten_tomatoes (held-out RT snippet openings) | a JSONL file with `prompt`
+    num_prompts: int = 1024  # size of the prompt pool (a JSONL file: its first N)
+    scorer: str = "sentiment"  # sentiment (ground-truth oracle, "PPO-GT") | vader | rm:PATH (a reward model)
+    iterations: int = 100  # rollout -> update rounds
+    batch_size: int = 16  # prompts per iteration, one completion each
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 8  # samples per optimizer step (must divide batch_size)
+    lr: float = 1e-5
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.1  # per-token KL penalty coefficient (the initial one when adaptive)
+    adaptive_kl: bool = False  # Ziegler et al.'s controller towards target_kl
+    target_kl: float = 6.0  # nats per sequence
+    horizon: int = 10000
+    whiten_rewards: bool = False  # rescale per-token rewards (mean kept) before GAE
+    max_new_tokens: int = 24
+    temperature: float = 1.0  # log-probs are those of the policy at temperature 1: other values make PPO off-policy
+    generation_batch_size: int = 64  # sequences sampled (and scored by no-grad forwards) together
+    eval_every: int = 0  # run_ppo's eval_hook every N iterations and at the end (0: never)
+    save_every: int = 0  # checkpoint every N iterations (0: only at the end)
+
+
+def _ppo_train() -> TrainConfig:
+    return TrainConfig(optimizer="adamw", max_grad_norm=1.0)
+
+
+@dataclass
+class PPORunConfig(Config):
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    train: TrainConfig = field(default_factory=_ppo_train)
+
+
+# train.* keys PPO reads; every other train/data/dpo key must stay at its default (never silently ignored)
+USED_TRAIN_KEYS = ("seed", "precision", "num_threads", "progress", "optimizer", "weight_decay", "max_grad_norm",
+                   "keep_checkpoints")
+_INSTEAD = {"lr": "ppo.lr", "max_steps": "ppo.iterations", "batch_size": "ppo.batch_size",
+            "eval_every": "ppo.eval_every", "save_every": "ppo.save_every"}
+
+
+def check_config(cfg: PPORunConfig) -> None:
+    """PPO-specific checks on top of ``load_config``'s, before anything loads."""
+    s = cfg.ppo
+    defaults = PPORunConfig()
+    for section, default, used in (("train", defaults.train, USED_TRAIN_KEYS), ("data", DataConfig(), ()),
+                                   ("dpo", DPOConfig(), ())):
+        for f in dataclasses.fields(default):
+            if f.name not in used and getattr(getattr(cfg, section), f.name) != getattr(default, f.name):
+                hint = f" (set {_INSTEAD[f.name]})" if section == "train" and f.name in _INSTEAD else ""
+                raise ConfigError(f"config key '{section}.{f.name}' is not used by ppo{hint}")
+    if cfg.reference.mode != "model" or cfg.lora.enabled:
+        raise ConfigError("ppo keeps the reference as a frozen copy: reference.mode must be 'model' and "
+                          "lora.enabled false")
+    positive = {"iterations": s.iterations, "batch_size": s.batch_size, "ppo_epochs": s.ppo_epochs,
+                "minibatch_size": s.minibatch_size, "lr": s.lr, "clip_range": s.clip_range,
+                "clip_range_value": s.clip_range_value, "target_kl": s.target_kl, "horizon": s.horizon,
+                "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "num_prompts": s.num_prompts,
+                "generation_batch_size": s.generation_batch_size}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key 'ppo.{name}' must be > 0, got {value}")
+    if s.batch_size % s.minibatch_size:
+        raise ConfigError(f"config key 'ppo.minibatch_size' ({s.minibatch_size}) must divide ppo.batch_size "
+                          f"({s.batch_size})")
+    for name, value in (("gamma", s.gamma), ("lam", s.lam)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key 'ppo.{name}' must be in [0, 1], got {value}")
+    for name, value in (("kl_coef", s.kl_coef), ("vf_coef", s.vf_coef), ("eval_every", s.eval_every),
+                        ("save_every", s.save_every)):
+        if value < 0:
+            raise ConfigError(f"config key 'ppo.{name}' must be >= 0, got {value}")
+
+
+def load_ppo_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PPORunConfig:
+    cfg = load_config(path, overrides, base=PPORunConfig())
+    check_config(cfg)
+    return cfg
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM plus a fp32 value head on its decoder's last hidden states (see the module docstring).
+    One module so that checkpoints and the optimizer hold both."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.get_output_embeddings().in_features, 1, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) padded prompt + completion rows -> ``(logprobs (B, T), values (B, T), hidden (N, H))`` over the
+        T = ``n_cols`` completion positions (``hidden``: the N completion tokens' predicting states). One
+        forward: the log-probs come from ``token_logps`` and a hook on the decoder keeps its hidden states."""
+        captured: list[torch.Tensor] = []
+        handle = self.policy.get_decoder().register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        try:
+            tok, rows = token_logps(self.policy, input_ids, attention_mask, labels)
+        finally:
+            handle.remove()
+        assert len(captured) == 1, "the decoder's hidden states were not seen once during the forward"
+        rows_, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = captured[0][rows_, cols]  # (N, H): state t predicts token t + 1
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            values = self.value_head(hidden.float()).squeeze(-1)  # (N,) fp32
+        shape = (input_ids.shape[0], n_cols)
+        return to_grid(tok, rows, shape), to_grid(values, rows, shape), hidden
+
+
+def build_batch(samples: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (B, L) of prompt + completion, labels only on the
+    completion; ``mask`` (B, T) over completion positions (T = the longest completion)."""
+    length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    n_cols = max(len(s.completion_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    attention, mask = torch.zeros_like(ids), torch.zeros((len(samples), n_cols))
+    for i, s in enumerate(samples):
+        seq, p = s.prompt_ids + s.completion_ids, len(s.prompt_ids)
+        ids[i, :len(seq)], attention[i, :len(seq)] = torch.tensor(seq), 1
+        labels[i, p:len(seq)] = torch.tensor(s.completion_ids)
+        mask[i, :len(s.completion_ids)] = 1.0
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels, "mask": mask}
+
+
+@dataclass
+class Rollout:
+    batch: dict[str, torch.Tensor]  # build_batch's tensors, on the device
+    scores: torch.Tensor  # (B,)
+    logprobs: torch.Tensor  # (B, T) policy, at sampling time
+    ref_logprobs: torch.Tensor  # (B, T)
+    values: torch.Tensor  # (B, T)
+    entropy: torch.Tensor  # scalar: mean over completion tokens
+    texts: list[str]
+    advantages: torch.Tensor | None = None  # (B, T), whitened
+    returns: torch.Tensor | None = None  # (B, T)
+
+
+@torch.no_grad()
+def rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, scorer, prompts: list[str], s: PPOSettings,
+            seed: int, device: torch.device, precision: str) -> Rollout:
+    """Sample, score, and compute old log-probs, reference log-probs, values and entropy (no gradients)."""
+    from preftune.eval.sampling import generate
+    from preftune.eval.scorers import review_text
+
+    with autocast_context(device, precision):
+        samples = generate(model.policy, tokenizer, prompts, temperature=s.temperature,
+                           max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch_size, seed=seed,
+                           device=device)
+    texts = [review_text(x.prompt, x.completion) for x in samples]
+    scores = torch.tensor([float(v) for v in scorer(texts)], dtype=torch.float32, device=device)
+    batch = {k: v.to(device) for k, v in build_batch(samples, tokenizer.pad_token_id).items()}
+    n_cols, head = batch["mask"].shape[1], model.policy.get_output_embeddings()
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref": [], "entropy": []}
+    for start in range(0, len(samples), s.generation_batch_size):
+        rows = slice(start, start + s.generation_batch_size)
+        ids, attention, labels = batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows]
+        with autocast_context(device, precision):
+            logprobs, values, hidden = model(ids, attention, labels, n_cols)
+            ref_tok, ref_rows = token_logps(reference, ids, attention, labels)
+        with torch.autocast(device_type=device.type, enabled=False):  # entropy in fp32, 256 tokens at a time
+            parts["entropy"] += [token_entropy(nn.functional.linear(h.float(), head.weight.float(), head.bias))
+                                 for h in hidden.split(256)]
+        parts["logprobs"].append(logprobs)
+        parts["values"].append(values)
+        parts["ref"].append(to_grid(ref_tok, ref_rows, (ids.shape[0], n_cols)))
+    return Rollout(batch=batch, scores=scores, logprobs=torch.cat(parts["logprobs"]), values=torch.cat(parts["values"]),
+                   ref_logprobs=torch.cat(parts["ref"]), entropy=torch.cat(parts["entropy"]).mean(), texts=texts)
+
+
+def compute_advantages(r: Rollout, kl_coef: float, s: PPOSettings) -> torch.Tensor:
+    """Fill ``r.advantages`` (whitened) and ``r.returns``; returns the per-token rewards (B, T)."""
+    mask = r.batch["mask"]
+    rewards = kl_shaped_rewards(r.scores, r.logprobs, r.ref_logprobs, mask, kl_coef)
+    if s.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    advantages, r.returns = gae(rewards, r.values, mask, s.gamma, s.lam)
+    r.advantages = whiten(advantages, mask)
+    return rewards
+
+
+def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOSettings, max_grad_norm: float,
+               generator: torch.Generator, device: torch.device, precision: str) -> dict[str, torch.Tensor]:
+    """``ppo_epochs`` passes of shuffled minibatch steps over the rollout. Returns per-step means as tensors."""
+    b, mask = r.batch, r.batch["mask"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for _ in range(s.ppo_epochs):
+        for idx in torch.randperm(mask.shape[0], generator=generator).split(s.minibatch_size):
+            idx = idx.to(device)
+            with autocast_context(device, precision):
+                logprobs, values, _ = model(b["input_ids"][idx], b["attention_mask"][idx], b["labels"][idx],
+                                            mask.shape[1])
+            policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
+                logprobs, r.logprobs[idx], r.advantages[idx], mask[idx], s.clip_range)
+            value_loss, value_clip_fraction = clipped_value_loss(
+                values, r.values[idx], r.returns[idx], mask[idx], s.clip_range_value)
+            optimizer.zero_grad(set_to_none=True)
+            (policy_loss + s.vf_coef * value_loss).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            step_stats = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction,
+                          "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl, "grad_norm": grad_norm}
+            for name, value in step_stats.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            steps += 1
+    return {name: total / steps for name, total in sums.items()}
+
+
+def load_prompts(s: PPOSettings, seed: int) -> list[str]:
+    if s.prompts == "rotten_tomatoes":
+        from preftune.experiments.prompts import rotten_tomatoes_prompts
+
+        return rotten_tomatoes_prompts(s.num_prompts, seed=seed)
+    if not Path(s.prompts).is_file():
+        raise InputError(f"ppo.prompts: {s.prompts!r} is neither 'rotten_tomatoes' nor an existing JSONL file")
+    from preftune.eval.generate_cli import read_prompts
+
+    prompts = read_prompts(s.prompts)[: s.num_prompts]
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{s.prompts}: ppo needs plain-string prompts (the scorer reads prompt + completion)")
+    return prompts
+
+
+def _resolve_scorer(cfg: PPORunConfig, scorer):
+    if scorer is None:
+        from preftune.eval.scorers import get_scorer
+
+        try:
+            return get_scorer(cfg.ppo.scorer)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'ppo.scorer': {exc}") from None
+    cfg.ppo.scorer = f"custom:{getattr(scorer, 'name', type(scorer).__name__)}"  # recorded, not reloadable
+    return scorer
+
+
+def run_ppo(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None = None, scorer=None,
+            prompts: list[str] | None = None) -> dict[str, Any]:
+    """Train a policy with PPO; returns {run_dir, iterations, train (last metrics), eval (last eval_hook result)}.
+
+    ``eval_hook(policy, iteration)`` runs every ``ppo.eval_every`` iterations and after the last (eval mode, no
+    gradients); a returned dict is logged as ``eval/<key>``. ``scorer`` (any ``texts -> scores`` callable)
+    replaces ``ppo.scorer``; ``prompts`` replaces ``ppo.prompts`` (written to RUN/prompts.jsonl)."""
+    from preftune.data.records import write_jsonl
+    from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
+    from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from preftune.train.common import pick_device, resolve_precision, save_policy, setup_threads
+    from preftune.train.loop import DataOrder, build_optimizer
+    from preftune.train.rundir import MetricsWriter, make_run_dir, read_metrics
+
+    check_config(cfg)
+    setup_threads(cfg)
+    s = cfg.ppo
+    scorer = _resolve_scorer(cfg, scorer)
+    run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "ppo")
+    if prompts is not None and not resume:
+        write_jsonl(run_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        s.prompts, s.num_prompts = str(run_dir / "prompts.jsonl"), len(prompts)
+        save_config(cfg, run_dir / "config.yaml")
+    prompts = load_prompts(s, cfg.train.seed)
+    device = pick_device()
+    precision = resolve_precision(cfg, device)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = PolicyWithValue(load_causal_lm(cfg.model, seed=cfg.train.seed,
+                                           trust_remote_code=cfg.trust_remote_code)).to(device)
+    reference = load_reference(cfg.ref_model or cfg.model, seed=cfg.train.seed,
+                               trust_remote_code=cfg.trust_remote_code).to(device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                                dataclasses.replace(cfg.train, lr=s.lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    kl_ctl = AdaptiveKLController(s.kl_coef, s.target_kl, s.horizon) if s.adaptive_kl else FixedKLController(s.kl_coef)
+    order, metrics, iteration = DataOrder(len(prompts), cfg.train.seed), MetricsWriter(run_dir / "metrics.jsonl"), 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        iteration, kl_ctl.value = state["step"], state["kl_coef"]
+        order.load(state["data"])
+    if resume:
+        metrics.truncate_after(iteration)
+    model.train()
+    log.info("PPO on %s: %d prompts, scorer=%s, device=%s precision=%s, %d iterations x %d prompts",
+             cfg.model, len(prompts), s.scorer, device, precision, s.iterations, s.batch_size)
+    save = functools.partial(save_checkpoint, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                             keep=cfg.train.keep_checkpoints)
+    last: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    try:
+        while iteration < s.iterations:
+            iteration += 1
+            last = run_iteration(model, reference, tokenizer, scorer, [prompts[i] for i in order.take(s.batch_size)],
+                                 cfg, kl_ctl, optimizer, scheduler, iteration, device, precision)
+            metrics.write({"step": iteration, **last})
+            log.log(logging.INFO if cfg.train.progress else logging.DEBUG, "iteration %d/%d  %s", iteration,
+                    s.iterations, "  ".join(f"{k}={last[k]:.4g}" for k in ("reward", "kl", "kl_coef", "entropy",
+                                                                            "policy_loss", "value_loss", "tokens_per_s")))
+            faults.set_step(iteration)
+            if eval_hook is not None and s.eval_every and (iteration % s.eval_every == 0 or iteration == s.iterations):
+                last_eval = _run_eval_hook(eval_hook, model.policy, iteration, metrics)
+            if s.save_every and iteration % s.save_every == 0 and iteration != s.iterations:
+                save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
+            faults.maybe_fault("after_step")
+        save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
+    finally:
+        metrics.close()
+    save_policy(cfg, model.policy, tokenizer, run_dir)
+    if cfg.run.plot:
+        plot_ppo(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png")
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+              str(run_dir / "value_head.safetensors"))
+    return {"run_dir": str(run_dir), "iterations": iteration, "train": last, "eval": last_eval}
+
+
+def run_iteration(model, reference, tokenizer, scorer, prompts, cfg: PPORunConfig, kl_ctl, optimizer, scheduler,
+                  iteration: int, device: torch.device, precision: str) -> dict[str, float]:
+    """One rollout -> advantages -> update round; returns its metrics (the one sync point of the iteration)."""
+    s, seed = cfg.ppo, cfg.train.seed * 1_000_003 + 2 * iteration  # per-iteration seeds: resume is exact
+    start = time.perf_counter()
+    r = rollout(model, reference, tokenizer, scorer, prompts, s, seed, device, precision)
+    kl_coef = kl_ctl.value
+    compute_advantages(r, kl_coef, s)
+    mask = r.batch["mask"]
+    seq_kl = masked_sum(r.logprobs - r.ref_logprobs, mask, dim=1)  # (B,) sum over tokens of log pi - log pi_ref
+    rollout_s = time.perf_counter() - start
+    lr = scheduler.get_last_lr()[0]
+    generator = torch.Generator().manual_seed(seed + 1)
+    update = ppo_update(model, optimizer, scheduler, r, s, cfg.train.max_grad_norm, generator, device, precision)
+    elapsed = time.perf_counter() - start
+    kl = seq_kl.mean().item()
+    kl_ctl.update(kl, n_steps=mask.shape[0])
+    out = {"reward": r.scores.mean(), "reward_std": r.scores.std() if r.scores.numel() > 1 else r.scores.new_zeros(()),
+           "non_score_reward": -kl_coef * seq_kl.mean(), "entropy": r.entropy, "completion_tokens": mask.sum(1).mean(),
+           **update}
+    metrics = {name: float(v) for name, v in out.items()}
+    metrics.update(kl=kl, kl_coef=kl_coef, lr=lr, tokens_per_s=float(mask.sum()) / elapsed,
+                   **{"time/rollout_s": rollout_s, "time/update_s": elapsed - rollout_s})
+    return metrics
+
+
+def _run_eval_hook(hook: EvalHook, policy: nn.Module, iteration: int, metrics) -> dict[str, float]:
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        result = hook(policy, iteration) or {}
+    policy.train(was_training)
+    logged = {f"eval/{k}": float(v) for k, v in result.items()}
+    if logged:
+        metrics.write({"step": iteration, **logged})
+    return logged
+
+
+def plot_ppo(rows: list[dict[str, Any]], path: Path) -> None:
+    """``training.png``: reward, KL (and its coefficient), entropy and the two losses against the iteration."""
+    from preftune.eval import plots  # noqa: F401  (selects the Agg backend)
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "reward" in r]
+    panels = (("reward (mean score)", ["reward"]), ("KL(pi || ref) per sequence", ["kl"]), ("kl_coef", ["kl_coef"]),
+              ("entropy per token", ["entropy"]), ("losses", ["policy_loss", "value_loss"]),
+              ("clipping", ["clip_fraction", "value_clip_fraction", "approx_kl"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=2, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

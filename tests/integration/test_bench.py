@@ -1,0 +1,59 @@
+"""`preftune bench`: the correctness gate against TRL on `tiny`, and a tiny end-to-end run of the benchmark."""
+
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+
+from preftune.benchmark.gate import GATE_RECORDS, GateError, compare, run_gate  # noqa: E402
+from preftune.cli import main  # noqa: E402
+
+
+def test_gate_preftune_and_trl_agree_on_logps_and_loss():
+    result = run_gate(tolerance=1e-4)
+    assert result["passed"] and result["tokens_identical"]
+    assert result["n_pairs"] == len(GATE_RECORDS)
+    assert result["max_abs_diff_policy_logps"] <= 1e-4
+    assert result["max_abs_diff_ref_logps"] <= 1e-4
+    assert result["abs_diff_loss"] <= 1e-4
+    # policy (seed 0) != reference (seed 1): the loss is not trivially log 2, so agreeing on it means something
+    assert abs(result["loss_preftune"] - 0.6931472) > 1e-3
+
+
+def test_gate_fails_loudly_on_a_disagreement():
+    import torch
+
+    ours = {"ids": [[[1], [2, 3], [4]]], "policy": torch.tensor([-5.0, -6.0]), "ref": torch.tensor([-5.0, -6.0]),
+            "loss": 0.69, "grad_norm": 1.0}
+    theirs = {**ours, "policy": torch.tensor([-5.0, -6.01]), "logged_chosen_mean": -5.0}
+    with pytest.raises(GateError, match="max_abs_diff_policy_logps"):
+        compare(ours, theirs, 1e-4)
+    with pytest.raises(GateError, match="tokenisations differ"):
+        compare(ours, {**theirs, "ids": [[[1], [2, 3, 5], [4]]]}, 1e-4)
+
+
+def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--workloads", "tiny-cpu", "--warmup-steps", "1", "--steps", "2", "--precision", "fp32",
+                 "--skip-gate", "--out", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [r["system"] for r in rows] == ["preftune", "trl-default", "trl-best"]
+    for r in rows:
+        assert r["workload"] == "tiny-cpu" and r["error"] is None
+        assert len(r["step_s_list"]) == 2 and r["step_s"] == pytest.approx(sum(r["step_s_list"]) / 2)
+        assert r["pairs_per_s"] == pytest.approx(2 / r["step_s"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
+        assert r["peak_mem_gb"] > 0.1 and r["precision"] == "fp32"
+        assert r["tokens_match_preftune"]  # TRL tokenised the records exactly as preftune did
+    assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] == rows[2]["tokens_per_step"]
+    trl_best = rows[2]["settings"]["effective"]
+    assert trl_best["gradient_checkpointing"] == "False" and rows[1]["settings"]["effective"]["gradient_checkpointing"] == "True"
+    by_system = {s["system"]: s for s in doc["summary"]}
+    assert [(r["workload"], r["baseline"]) for r in doc["ratios"]] == [("tiny-cpu", "trl-default"), ("tiny-cpu", "trl-best")]
+    for r in doc["ratios"]:
+        for metric in ("pairs_per_s", "tokens_per_s", "peak_mem_gb", "step_s"):
+            assert r[metric] == pytest.approx(by_system["preftune"][metric] / by_system[r["baseline"]][metric])
+    assert "preftune / TRL" in capsys.readouterr().out
