@@ -183,6 +183,10 @@ def test_shipped_config_parses(path):
         from preftune.experiments.sentiment import build_config
 
         build_config(str(path), [], quick=False)
+    elif "ppo" in raw:
+        from preftune.train.ppo import load_ppo_config
+
+        load_ppo_config(path)
     else:
         load_config(path)
 

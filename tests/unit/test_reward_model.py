@@ -95,7 +95,7 @@ def test_zero_head_gives_log2_on_a_real_batch(tiny_tokenizer):
     from preftune.data.records import PreferencePair
     from preftune.data.tokenize import tokenize_pair
 
-    model = build_reward_model("tiny", seed=0)
+    model = build_reward_model("tiny", seed=0, head_init="zeros")
     assert torch.count_nonzero(model.head.weight) == 0 and model.head.bias is None
     pairs = [tokenize_pair(tiny_tokenizer, PreferencePair("The film", " is great.", " is bad, really.", "x:1"),
                            max_length=32, max_prompt_tokens=16)] * 2
@@ -105,6 +105,18 @@ def test_zero_head_gives_log2_on_a_real_batch(tiny_tokenizer):
     assert float(stats["accuracy"][0]) == 0.0  # ties are not correct
 
 
+def test_normal_head_init_is_seeded_with_std_one_over_sqrt_h_plus_1():
+    from preftune.models.load import load_causal_lm
+
+    backbone = load_causal_lm("tiny").get_decoder()
+    a = RewardModel(backbone, 64, seed=3).head.weight
+    expected = torch.randn((1, 64), generator=torch.Generator().manual_seed(3)) / math.sqrt(65)
+    assert a.dtype == torch.float32 and torch.equal(a, expected)
+    assert not torch.equal(RewardModel(backbone, 64, seed=4).head.weight, a)
+    with pytest.raises(ValueError, match="head_init"):
+        RewardModel(backbone, 64, head_init="ones")
+
+
 def test_save_load_round_trip(rm, tiny_tokenizer, tmp_path):
     rm.info.update(base_model="tiny", seed=0, append_eos=True)
     rm.normalization = {"mean": 0.25, "std": 2.0, "n": 10}
@@ -112,7 +124,7 @@ def test_save_load_round_trip(rm, tiny_tokenizer, tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", HEAD_FILE, CONFIG_FILE):
         assert (path / name).is_file(), name
     saved = json.loads((path / CONFIG_FILE).read_text())
-    assert saved["hidden_size"] == 64 and saved["base_model"] == "tiny" and saved["head"]["init"] == "zeros"
+    assert saved["hidden_size"] == 64 and saved["base_model"] == "tiny" and saved["head_init"] == "normal"
     assert saved["normalization"] == {"mean": 0.25, "std": 2.0, "n": 10}
     rm.save(tmp_path / "rm", tiny_tokenizer)  # overwriting is atomic and leaves no temporary directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]

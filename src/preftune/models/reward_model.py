@@ -5,10 +5,14 @@
 found by searching for the pad token: for SmolLM2 pad == EOS and every response ends with EOS.
 
 Deliberate choices:
-- The head is ``nn.Linear(hidden, 1, bias=False)`` in fp32, initialised to ZEROS: every score starts at exactly
-  0, so the Bradley-Terry loss of an untrained model is exactly log 2 (tested). The Bradley-Terry likelihood only
-  sees differences r(x, y_w) - r(x, y_l), so a bias would never receive a gradient; the offset is handled by the
-  stored normalisation instead.
+- The head is ``nn.Linear(hidden, 1, bias=False)`` in fp32. Default init ``normal``: N(0, 1/(H + 1)) from a
+  generator seeded by ``seed`` (Stiennon et al. 2020), so every score is a small random projection from step 1
+  and the backbone gets a fixed direction to learn along. ``zeros``: every score starts at exactly 0, so the
+  Bradley-Terry loss of an untrained model is exactly log 2 (tested); but with a fine-tuning learning rate
+  (1e-5) the head then grows by at most lr per element per step, and on SmolLM2 the margins stay ~1e-3 for
+  tens of steps (the loss sits at log 2). The Bradley-Terry likelihood only sees differences
+  r(x, y_w) - r(x, y_l), so a bias would never receive a gradient; the offset is handled by the stored
+  normalisation instead.
 - Normalisation: after training the mean and standard deviation (population) of the raw rewards of the training
   responses (chosen and rejected) are stored; ``normalized=True`` (the default of the scoring API and of the
   ``rm:PATH`` scorer) reports ``(r - mean) / std``, as Ziegler et al. (2019) standardise their reward model
@@ -32,6 +36,7 @@ from torch import nn
 from preftune.models.load import ModelSpecError, disable_dropout, load_causal_lm, load_tokenizer
 
 CONFIG_FILE = "reward_config.json"
+HEAD_INITS = ("normal", "zeros")
 HEAD_FILE = "reward_head.safetensors"
 FORMAT = "preftune-reward-model"
 VERSION = 1
@@ -53,13 +58,22 @@ class RewardModel(nn.Module):
     """``forward(input_ids (B, T), attention_mask (B, T)) -> (B,)`` raw fp32 rewards. All parameters (backbone
     and head) are trainable, so the training loop's checkpoints cover the head too."""
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, *, info: dict[str, Any] | None = None):
+    def __init__(self, backbone: nn.Module, hidden_size: int, *, head_init: str = "normal", seed: int = 0,
+                 info: dict[str, Any] | None = None):
         super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
         self.backbone = backbone
         self.head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32)
-        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            if head_init == "zeros":
+                self.head.weight.zero_()
+            else:
+                gen = torch.Generator().manual_seed(seed)
+                self.head.weight.copy_(torch.randn((1, hidden_size), generator=gen) / math.sqrt(hidden_size + 1))
         self.hidden_size = hidden_size
-        self.info: dict[str, Any] = dict(info or {})  # base_model, seed, data settings (append_eos, ...)
+        # base_model, seed, head_init, data settings (append_eos, ...)
+        self.info: dict[str, Any] = {**(info or {}), "head_init": head_init, "seed": seed}
         self.normalization: dict[str, float] | None = None  # {"mean", "std", "n"} of training rewards
         self.tokenizer = None  # set by load(); needed only by score_texts
 
@@ -137,7 +151,7 @@ class RewardModel(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **self.info, "hidden_size": self.hidden_size,
                 "score_position": "last token whose attention_mask is 1",
-                "head": {"init": "zeros", "bias": False, "dtype": "float32"},
+                "head": {"bias": False, "dtype": "float32"},
                 "normalization": self.normalization}
 
     def save(self, path: str | Path, tokenizer) -> Path:
@@ -170,7 +184,9 @@ class RewardModel(nn.Module):
         disable_dropout(backbone)
         keep = {k: v for k, v in info.items()
                 if k not in ("format", "version", "hidden_size", "score_position", "head", "normalization")}
-        model = cls(backbone, int(info["hidden_size"]), info=keep)
+        model = cls(backbone, int(info["hidden_size"]), head_init="zeros", info=keep)  # the head is read below
+        model.info["head_init"] = info.get("head_init", "zeros")
+        model.info["seed"] = info.get("seed", 0)
         weight = load_file(str(path / HEAD_FILE))["weight"]
         if tuple(weight.shape) != (1, model.hidden_size):
             raise ModelSpecError(f"{path / HEAD_FILE}: head shape {tuple(weight.shape)} != (1, {model.hidden_size})")
@@ -182,9 +198,11 @@ class RewardModel(nn.Module):
         return model.to(device) if device is not None else model
 
 
-def build_reward_model(spec: str, *, seed: int = 0, trust_remote_code: bool = False) -> RewardModel:
-    """A reward model on the decoder body of the causal LM ``spec`` (its LM head is dropped) with a zero head;
-    or, when ``spec`` is a saved reward model directory, that model (head included) to train further."""
+def build_reward_model(spec: str, *, seed: int = 0, head_init: str = "normal",
+                       trust_remote_code: bool = False) -> RewardModel:
+    """A reward model on the decoder body of the causal LM ``spec`` (its LM head is dropped) with a new head
+    (``head_init``, seeded by ``seed``); or, when ``spec`` is a saved reward model directory, that model (head
+    included) to train further."""
     if is_reward_model_dir(spec):
         model = RewardModel.load(spec, trust_remote_code=trust_remote_code)
         model.normalization = None  # stale once training continues
@@ -197,7 +215,7 @@ def build_reward_model(spec: str, *, seed: int = 0, trust_remote_code: bool = Fa
     hidden = getattr(lm.config, "hidden_size", None)
     if not isinstance(hidden, int) or hidden < 1:
         raise ModelSpecError(f"{spec}: the model config has no hidden_size")
-    return RewardModel(backbone, hidden, info={"base_model": spec, "seed": seed})
+    return RewardModel(backbone, hidden, head_init=head_init, seed=seed, info={"base_model": spec})
 
 
 def reward_statistics(scores: torch.Tensor) -> dict[str, float]:

@@ -22,7 +22,7 @@ from preftune.data.collate import collate_pairs
 from preftune.data.tokenize import TokenizedPair
 from preftune.models.load import load_tokenizer
 from preftune.models.logprobs import autocast_context
-from preftune.models.reward_model import RewardModel, build_reward_model, reward_statistics
+from preftune.models.reward_model import HEAD_INITS, RewardModel, build_reward_model, reward_statistics
 from preftune.train.common import pick_device, resolve_precision, setup_threads
 from preftune.train.dpo import load_tokenized_pairs
 from preftune.train.loop import StepOutput, fit
@@ -37,6 +37,8 @@ class RewardSettings:
     # after training, store the mean/std of the raw rewards of the training responses (chosen and rejected) in
     # reward_config.json; scorers then report (r - mean) / std (the raw score stays available)
     normalize: bool = True
+    # normal: N(0, 1/(H+1)) seeded by train.seed (Stiennon et al. 2020) | zeros: every score starts at 0 (loss log 2)
+    head_init: str = "normal"
 
 
 @dataclass
@@ -47,8 +49,11 @@ class RewardRunConfig(Config):
     reward: RewardSettings = field(default_factory=RewardSettings)
 
 
-def check_applicable(cfg: Config) -> None:
-    """An option reward training would ignore is refused, never silently dropped."""
+def check_config(cfg: Config) -> None:
+    """Checked before anything loads. An option reward training would ignore is refused, never silently dropped."""
+    if isinstance(cfg, RewardRunConfig) and cfg.reward.head_init not in HEAD_INITS:
+        raise ConfigError(f"config key 'reward.head_init': {cfg.reward.head_init!r} is not one of "
+                          f"{', '.join(HEAD_INITS)}")
     defaults = Config()
     for key in ("ref_model", "dpo", "reference", "lora"):
         if getattr(cfg, key) != getattr(defaults, key):
@@ -116,7 +121,7 @@ def training_normalization(model: RewardModel, items: list[TokenizedPair], batch
 
 def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     """Train a reward model; writes ``RUN/reward_model/`` and returns a summary dict."""
-    check_applicable(cfg)
+    check_config(cfg)
     settings = cfg.reward if isinstance(cfg, RewardRunConfig) else RewardSettings()
     setup_threads(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -126,9 +131,10 @@ def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,
              len(train_items), len(eval_items), device, precision)
-    model = build_reward_model(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    model = build_reward_model(cfg.model, seed=cfg.train.seed, head_init=settings.head_init,
+                               trust_remote_code=cfg.trust_remote_code)
     d = cfg.data
-    model.info.update(base_model=cfg.model, seed=cfg.train.seed, append_eos=d.append_eos,
+    model.info.update(base_model=cfg.model, append_eos=d.append_eos,
                       max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens)
     model = model.to(device)
     pad_id = tokenizer.pad_token_id

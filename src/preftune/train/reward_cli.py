@@ -17,6 +17,7 @@ reward_config.json); score samples with `preftune score FILE --scorer rm:RUN/rew
 
 _REWARD_KEYS = """\
   reward.normalize (true)     store the mean/std of training rewards; scorers report (r - mean) / std
+  reward.head_init (normal)   normal: N(0, 1/(H+1)) seeded by train.seed | zeros: all scores start at 0
   not applicable here (refused when set): ref_model, dpo.*, reference.*, lora.*
   (run.plot has no effect here: reward runs write no plot)
 metrics: loss, accuracy (r_w > r_l), rewards/chosen, rewards/rejected, rewards/margins; eval/... on held-out
