@@ -43,8 +43,8 @@ def learned(tmp_path_factory):
     train = write_jsonl(root / "train.jsonl", _pairs(NOUNS[:12], FILLERS[:6]))
     held = write_jsonl(root / "held.jsonl", _pairs(NOUNS[12:], FILLERS[6:]))
     run_dir = root / "run"
-    code = main(["reward", *FAST, f"data.train={train}", f"data.eval={held}", "train.max_steps=15",
-                 "train.batch_size=8", "train.eval_every=5", "train.log_every=1", f"run.dir={run_dir}"])
+    code = main(["reward", *FAST, f"data.train={train}", f"data.eval={held}", "train.max_steps=8",
+                 "train.batch_size=8", "train.eval_every=4", "train.log_every=1", f"run.dir={run_dir}"])
     assert code == 0
     return run_dir, held
 
@@ -54,8 +54,8 @@ def test_reward_learns_a_learnable_preference(learned):
     rows = read_metrics(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval/accuracy" in r]
-    assert [r["step"] for r in train_rows] == list(range(1, 16))
-    assert [r["step"] for r in eval_rows] == [5, 10, 15]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert [r["step"] for r in eval_rows] == [4, 8]
     first = train_rows[0]
     for key in ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm", "lr",
                 "pairs_per_s", "tokens_per_s"):
@@ -79,7 +79,7 @@ def test_reward_run_directory_and_saved_model(learned):
     assert info["base_model"] == "tiny" and info["append_eos"] is True and info["normalization"]["n"] == 48
     assert info["head_init"] == "normal" and info["seed"] == 0
     # the saved head is the checkpoint's head: what fit trained is what was written
-    ckpt = load_file(str(run_dir / "checkpoints" / "step-000015" / "model.safetensors"))
+    ckpt = load_file(str(run_dir / "checkpoints" / "step-000008" / "model.safetensors"))
     head = load_file(str(run_dir / "reward_model" / "reward_head.safetensors"))["weight"]
     assert torch.equal(ckpt["head.weight"], head) and torch.count_nonzero(head) > 0
     # normalisation: the training responses' normalised scores have mean 0 and std 1

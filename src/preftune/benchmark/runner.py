@@ -204,15 +204,17 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
             for rep in range(repeat):
                 for system in (systems if rep % 2 == 0 else systems[::-1]):
                     job = {**base, "system": system, "rep": rep, "out_dir": str(root / f"{name}-{system}-{rep}")}
-                    t0 = time.perf_counter()
+                    t0, load_before = time.perf_counter(), os.getloadavg()[0]
                     result = _child(job, root, timeout_s)
                     row = make_row(w, system, rep, job, result)
+                    # other processes on the machine: a 1-minute load average above the core count means contention
+                    row["load_avg_1m"] = [load_before, os.getloadavg()[0]]
                     rows.append(row)
                     log(f"  {system:12} " + (f"failed: {row['error'].splitlines()[-1] if row['error'] else ''}"
                                              if row["error"] else
                                              f"{row['step_s']:.3f} s/step  {row['pairs_per_s']:.2f} pairs/s  "
                                              f"{row['tokens_per_s']:.0f} tokens/s  peak {row['peak_mem_gb']:.2f} GB")
-                        + f"  (child {time.perf_counter() - t0:.0f} s)")
+                        + f"  (child {time.perf_counter() - t0:.0f} s, load {load_before:.1f})")
     summary = aggregate(rows)
     doc.update(rows=rows, summary=summary, ratios=ratios(summary))
     doc["meta"]["wall_s"] = time.time() - started

@@ -68,3 +68,33 @@ def plot_demo(summary: dict[str, Any], scores: dict[str, list[list[float]]], pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_METHOD_STYLE = {"DPO": ("tab:blue", "o"), "PPO": ("tab:orange", "s"), "PPO-GT": ("tab:red", "^"),
+                 "Preferred-FT": ("tab:green", "D"), "best-of-N": ("tab:purple", "x"), "reference": ("black", "*")}
+
+
+def plot_frontier(points: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """Reward against KL(π‖π_ref), drawn like the DPO paper's Figure 2 (left): one colour per method, points
+    along training joined per setting, 95% intervals on the reward."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    seen = set()
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in points:
+        runs.setdefault((p["method"], p["setting"]), []).append(p)
+    for (method, setting), pts in runs.items():
+        color, marker = _METHOD_STYLE.get(method, ("tab:gray", "."))
+        pts = sorted(pts, key=lambda p: (p["step"], p["kl"]))
+        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], yerr=[p["reward_ci"] for p in pts],
+                    color=color, marker=marker, ms=5, lw=1, alpha=0.85, capsize=2,
+                    label=method if method not in seen else None)
+        seen.add(method)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per sample")
+    ax.set_ylabel("oracle reward (P[positive])")
+    ax.set_title(title or "reward vs KL", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -22,7 +22,8 @@ import torch
 from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, load_config
 from preftune.data.records import write_jsonl
 from preftune.errors import InputError
-from preftune.eval.sampling import Sample, generate, kl_estimate
+from preftune.eval.sampling import Sample, generate
+from preftune.experiments.evaluation import HeldOut, evaluate_policy, full_text, mean_ci
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
 from preftune.paths import shared_data_dir
 from preftune.train.common import setup_threads
@@ -72,24 +73,19 @@ def build_config(config: str | None, overrides: list[str], quick: bool) -> DemoC
     return load_config(config, overrides, base=base)
 
 
-def demo_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
+def demo_prompts(d: DemoSettings, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) review openings: Rotten Tomatoes snippets shipped in a wheel, or IMDb reviews."""
     from preftune.experiments.prompts import imdb_prompts, rotten_tomatoes_prompts, split_prompts
 
-    n = cfg.demo.train_prompts + cfg.demo.heldout_prompts
-    if cfg.demo.prompts == "imdb":
-        path = Path(cfg.demo.imdb_path) if cfg.demo.imdb_path else shared_data_dir() / "imdb" / "reviews.jsonl"
-        prompts = imdb_prompts(path, n, seed=cfg.train.seed)
-    elif cfg.demo.prompts == "rotten_tomatoes":
-        prompts = rotten_tomatoes_prompts(n, seed=cfg.train.seed)
+    n = d.train_prompts + d.heldout_prompts
+    if d.prompts == "imdb":
+        path = Path(d.imdb_path) if d.imdb_path else shared_data_dir() / "imdb" / "reviews.jsonl"
+        prompts = imdb_prompts(path, n, seed=seed)
+    elif d.prompts == "rotten_tomatoes":
+        prompts = rotten_tomatoes_prompts(n, seed=seed)
     else:
-        raise InputError(f"demo.prompts: {cfg.demo.prompts!r} is not one of rotten_tomatoes, imdb")
-    train, heldout = split_prompts(prompts, cfg.demo.heldout_prompts / n, seed=cfg.train.seed)
-    return train, heldout
-
-
-def full_text(sample: Sample) -> str:
-    """What the oracle scores: the whole review, prompt + continuation (as the paper's classifier does)."""
-    return f"{sample.prompt}{sample.completion}"
+        raise InputError(f"prompts: {d.prompts!r} is not one of rotten_tomatoes, imdb")
+    return split_prompts(prompts, d.heldout_prompts / n, seed=seed)
 
 
 def build_pairs(samples: list[Sample], scores: list[float], tokenizer, settings: DemoSettings) -> list[dict]:
@@ -111,11 +107,6 @@ def build_pairs(samples: list[Sample], scores: list[float], tokenizer, settings:
             pairs.append({"prompt": prompt, "chosen": text[0], "rejected": text[1],
                           "chosen_score": hi, "rejected_score": lo})
     return pairs
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(1.96 * t.std(unbiased=True) / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
 def _sample_rows(samples: list[Sample], oracle_scores: list[float], vader_scores: list[float],
@@ -143,7 +134,7 @@ def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: boo
     t0 = time.perf_counter()
     oracle, vader = SentimentOracle.load_or_train(), VaderScorer()
     log.info("oracle: held-out accuracy %.3f", oracle.heldout_accuracy)
-    train_prompts, heldout_prompts = demo_prompts(cfg)
+    train_prompts, heldout_prompts = demo_prompts(cfg.demo, cfg.train.seed)
     d = cfg.demo
     tokenizer = load_tokenizer(cfg.model)
     reference = load_reference(cfg.ref_model or cfg.model, seed=cfg.train.seed)
@@ -168,14 +159,13 @@ def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: boo
 
     t = time.perf_counter()
     policy = load_causal_lm(str(run_dir / "policy"))
-    policy.eval()
-    n_eval = d.eval_samples_per_prompt
-    # fp32 here: the KL estimate needs samples from exactly the distribution whose log-probs it computes.
-    ref_samples = generate(reference, tokenizer, heldout_prompts, num_samples=n_eval, seed=cfg.train.seed + 1, **gen)
-    pol_samples = generate(policy, tokenizer, heldout_prompts, num_samples=n_eval, seed=cfg.train.seed + 1, **gen)
-    kl = kl_estimate(policy, reference, pol_samples, tokenizer.pad_token_id)
-    scores = {name: [scorer([full_text(s) for s in samples]) for samples in (ref_samples, pol_samples)]
-              for name, scorer in (("sentiment", oracle), ("vader", vader))}
+    held = HeldOut(tokenizer, reference, heldout_prompts, oracle, d.eval_samples_per_prompt, d.max_new_tokens,
+                   batch_size=d.generation_batch_size, seed=cfg.train.seed + 1)
+    ref_eval, pol_eval = evaluate_policy(reference, held, is_reference=True), evaluate_policy(policy, held)
+    ref_samples, pol_samples = ref_eval["samples"], pol_eval["samples"]
+    kl = {"kl": pol_eval["kl"], "kl_sem": pol_eval["kl_ci95"] / 1.96, "per_sample": pol_eval["kl_per_sample"]}
+    scores = {"sentiment": [ref_eval["scores"], pol_eval["scores"]],
+              "vader": [vader([full_text(s) for s in samples]) for samples in (ref_samples, pol_samples)]}
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -201,10 +191,10 @@ def _autocast(cfg: Config):
 
 
 def _summary(cfg, oracle, scores, kl, pairs, dpo_result, timings, n_train, n_heldout) -> dict:
-    ref_r, ref_ci = _mean_ci(scores["sentiment"][0])
-    pol_r, pol_ci = _mean_ci(scores["sentiment"][1])
-    ref_v, ref_vci = _mean_ci(scores["vader"][0])
-    pol_v, pol_vci = _mean_ci(scores["vader"][1])
+    ref_r, ref_ci = mean_ci(scores["sentiment"][0])
+    pol_r, pol_ci = mean_ci(scores["sentiment"][1])
+    ref_v, ref_vci = mean_ci(scores["vader"][0])
+    pol_v, pol_vci = mean_ci(scores["vader"][1])
     return {
         "reference_reward": ref_r, "reference_reward_ci95": ref_ci,
         "policy_reward": pol_r, "policy_reward_ci95": pol_ci,

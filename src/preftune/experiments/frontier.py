@@ -1,0 +1,220 @@
+"""The DPO paper's reward-KL frontier (Figure 2, left) on the demo's sentiment task (``preftune frontier``).
+
+From one reference model and one prompt set, with the sentiment oracle as ground-truth reward:
+- DPO at several beta, on pairs built from reference samples scored by the oracle (as the demo does);
+- PPO with a learned Bradley-Terry reward model (trained on the same pairs) at several KL coefficients;
+- PPO-GT: PPO on the oracle itself;
+- Preferred-FT: SFT on the chosen completions;
+- best-of-N from the reference, picked by the learned reward model (analytic KL = log N - (N-1)/N).
+Each training run is evaluated at several points along training on held-out prompts (oracle reward and
+KL(pi || pi_ref) from the policy's own samples, 95% intervals). Equal tuning budget: DPO and PPO get the same
+number of settings; PPO's rollouts default to the same number of samples DPO's pairs were built from. Both are
+written into ``frontier.json`` with the points ``{method, setting, step, kl, reward, reward_ci}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from preftune.config import Config, DataConfig, TrainConfig, load_config
+from preftune.data.records import write_jsonl
+from preftune.experiments.evaluation import HeldOut, evaluate_policy, full_text, mean_ci
+from preftune.experiments.sentiment import DemoSettings, build_pairs, demo_prompts
+from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
+from preftune.train.common import setup_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontierSettings(DemoSettings):
+    dpo_betas: str = "0.05,0.1,0.3"  # comma-separated; one DPO run each
+    ppo_kl_coefs: str = "0.02,0.05,0.2"  # comma-separated; one PPO (learned RM) run each
+    ppo_gt: bool = True  # also PPO on the oracle itself
+    preferred_ft: bool = True
+    best_of_n: str = "2,4,8,16,32,64"
+    eval_points: int = 4  # evaluations along each training run (plus the start)
+    dpo_steps: int = 48
+    sft_steps: int = 48
+    reward_steps: int = 60
+    ppo_batch_size: int = 16
+    ppo_iterations: int | None = None  # None: the same sample budget as DPO's pairs (prompts x samples / batch)
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(batch_size=8, lr=2e-5, optimizer="rmsprop", log_every=4, keep_checkpoints=100, progress=False)
+
+
+@dataclass
+class FrontierConfig(Config):
+    frontier: FrontierSettings = field(default_factory=lambda: FrontierSettings(train_prompts=128,
+                                                                                heldout_prompts=48,
+                                                                                eval_samples_per_prompt=2))
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=64, max_prompt_tokens=24,
+                                                                append_eos=False))
+    train: TrainConfig = field(default_factory=_train_defaults)
+
+
+def quick_defaults(cfg: FrontierConfig) -> FrontierConfig:
+    """``--quick``: one setting per method and few points (under 10 minutes on a 2-core CPU)."""
+    f = cfg.frontier
+    f.train_prompts, f.heldout_prompts, f.eval_samples_per_prompt = 48, 16, 2
+    f.dpo_betas, f.ppo_kl_coefs, f.best_of_n = "0.1", "0.05", "2,4,8"
+    f.eval_points, f.dpo_steps, f.sft_steps, f.reward_steps, f.ppo_iterations = 2, 12, 12, 16, 4
+    return cfg
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _point(method: str, setting: str, step: int, ev: dict) -> dict:
+    return {"method": method, "setting": setting, "step": step, "kl": ev["kl"], "kl_ci": ev["kl_ci95"],
+            "reward": ev["reward"], "reward_ci": ev["reward_ci95"]}
+
+
+def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base: Config | None = None) -> Config:
+    """A run's config: the frontier's model, data and train sections plus ``overrides``."""
+    sub = base if base is not None else Config()
+    sub.model, sub.trust_remote_code = cfg.model, cfg.trust_remote_code
+    sub.data = DataConfig(**vars(cfg.data))
+    sub.train = TrainConfig(**vars(cfg.train))
+    sub.run.dir, sub.run.plot = str(run_dir), False
+    return load_config(None, overrides, base=sub)
+
+
+def _checkpoint_points(method: str, setting: str, run_dir: Path, held: HeldOut, spec: str, seed: int) -> list[dict]:
+    """Evaluate every checkpoint a supervised run (DPO, Preferred-FT) left along its training."""
+    points = []
+    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+        policy = load_causal_lm(spec, seed=seed)
+        policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        points.append(_point(method, setting, int(ckpt.name.split("-")[1]), evaluate_policy(policy, held)))
+        log.info("%s %s step %s: reward %.3f kl %.2f", method, setting, points[-1]["step"], points[-1]["reward"],
+                 points[-1]["kl"])
+    return points
+
+
+def _best_of_n(held: HeldOut, rm, ns: list[int]) -> list[dict]:
+    """Best-of-N from the reference scored by the learned RM; disjoint groups of the n_max samples per prompt."""
+    n_max = max(ns)
+    samples = held.sample_n(held.reference, n_max)
+    rm_scores = rm([full_text(s) for s in samples])
+    oracle_scores = held.oracle([full_text(s) for s in samples])
+    points = []
+    for n in ns:
+        picked = []
+        for p in range(len(held.prompts)):
+            block = range(p * n_max, (p + 1) * n_max)
+            for g in range(n_max // n):
+                group = list(block)[g * n:(g + 1) * n]
+                picked.append(oracle_scores[max(group, key=lambda i: rm_scores[i])])
+        reward, ci = mean_ci(picked)
+        points.append({"method": "best-of-N", "setting": f"N={n}", "step": 0, "kl": math.log(n) - (n - 1) / n,
+                       "kl_ci": 0.0, "reward": reward, "reward_ci": ci})
+    return points
+
+
+def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick: bool = False,
+                 out: str | None = None) -> dict:
+    from preftune.eval.plots import plot_frontier
+    from preftune.eval.scorers import SentimentOracle, get_scorer
+    from preftune.train.dpo import run_dpo
+    from preftune.train.ppo import PPORunConfig, run_ppo
+    from preftune.train.reward import run_reward
+    from preftune.train.sft import run_sft
+
+    base = quick_defaults(FrontierConfig()) if quick else FrontierConfig()
+    cfg = load_config(config, list(overrides), base=base)
+    f = cfg.frontier
+    root = Path(out or cfg.run.dir or f"runs/frontier-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.mkdir(parents=True, exist_ok=True)
+    setup_threads(cfg)
+    t0 = time.perf_counter()
+    oracle = SentimentOracle.load_or_train()
+    train_prompts, heldout_prompts = demo_prompts(f, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    reference = load_reference(cfg.ref_model or cfg.model, seed=cfg.train.seed)
+    held = HeldOut(tokenizer, reference, heldout_prompts, oracle, f.eval_samples_per_prompt, f.max_new_tokens,
+                   batch_size=f.generation_batch_size, seed=cfg.train.seed + 1)
+
+    train_samples = generate_pairs_samples(reference, tokenizer, train_prompts, f, cfg.train.seed)
+    pairs = build_pairs(train_samples, oracle([full_text(s) for s in train_samples]), tokenizer, f)
+    write_jsonl(root / "pairs.jsonl", pairs)
+    sample_budget = len(train_samples)
+    points = [_point("reference", "-", 0, evaluate_policy(reference, held, is_reference=True))]
+
+    every = lambda steps: max(1, steps // f.eval_points)  # noqa: E731
+    data = [f"data.train={root / 'pairs.jsonl'}"]
+    for beta in _floats(f.dpo_betas):
+        run_dir = root / "runs" / f"dpo-beta{beta}"
+        run_dpo(_sub_config(cfg, run_dir, data + [f"dpo.beta={beta}", f"train.max_steps={f.dpo_steps}",
+                                                  f"train.save_every={every(f.dpo_steps)}"]))
+        points += _checkpoint_points("DPO", f"beta={beta}", run_dir, held, cfg.model, cfg.train.seed)
+    if f.preferred_ft:
+        run_dir = root / "runs" / "preferred-ft"
+        run_sft(_sub_config(cfg, run_dir, data + [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
+                                                  f"train.save_every={every(f.sft_steps)}"]))
+        points += _checkpoint_points("Preferred-FT", "-", run_dir, held, cfg.model, cfg.train.seed)
+
+    rm_dir = root / "runs" / "reward"
+    rm_result = run_reward(_sub_config(cfg, rm_dir, data + ["data.eval_fraction=0.15", "train.optimizer=adamw",
+                                                            f"train.max_steps={f.reward_steps}", "train.lr=1e-5"]))
+    rm_path = f"rm:{rm_result['reward_model']}"
+    iterations = f.ppo_iterations or max(1, math.ceil(sample_budget / f.ppo_batch_size))
+    ppo_runs = [("PPO", f"kl_coef={c}", rm_path, c) for c in _floats(f.ppo_kl_coefs)]
+    ppo_runs += [("PPO-GT", "kl_coef=0.05", "sentiment", 0.05)] if f.ppo_gt else []
+    for method, setting, scorer, coef in ppo_runs:
+        ppo_cfg = PPORunConfig(model=cfg.model, trust_remote_code=cfg.trust_remote_code)
+        ppo_cfg.run.dir, ppo_cfg.run.plot = str(root / "runs" / f"{method.lower()}-{coef}"), False
+        ppo_cfg.train.seed, ppo_cfg.train.progress, ppo_cfg.train.num_threads = (cfg.train.seed, False,
+                                                                                 cfg.train.num_threads)
+        p = ppo_cfg.ppo
+        p.scorer, p.kl_coef, p.iterations, p.max_new_tokens = scorer, coef, iterations, f.max_new_tokens
+        p.batch_size, p.minibatch_size, p.eval_every = f.ppo_batch_size, max(1, f.ppo_batch_size // 2), every(iterations)
+        found: list[dict] = []
+
+        def hook(policy, step, _m=method, _s=setting, _found=found):
+            ev = evaluate_policy(policy, held)
+            _found.append(_point(_m, _s, step, ev))
+            return {"oracle_reward": ev["reward"], "kl_heldout": ev["kl"]}
+
+        run_ppo(ppo_cfg, eval_hook=hook, prompts=train_prompts)
+        points += found
+
+    rm = get_scorer(rm_path)
+    points += _best_of_n(held, rm, [int(n) for n in f.best_of_n.split(",")])
+    budget = {"dpo_settings": len(_floats(f.dpo_betas)), "ppo_settings": len(_floats(f.ppo_kl_coefs)),
+              "dpo_samples": sample_budget, "ppo_samples_per_run": iterations * f.ppo_batch_size,
+              "reward_model_heldout_accuracy": rm_result["eval"].get("eval/accuracy"),
+              "eval": f"{len(heldout_prompts)} held-out prompts x {f.eval_samples_per_prompt} samples per point"}
+    result = {"points": points, "budget": budget, "model": cfg.model, "oracle_heldout_accuracy":
+              oracle.heldout_accuracy, "minutes": (time.perf_counter() - t0) / 60}
+    (root / "frontier.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    plot_frontier(points, root / "frontier.png", title=f"{cfg.model}: reward vs KL on held-out prompts")
+    print(format_points(points))
+    print(f"\nbudget: {budget}\nwrote {root / 'frontier.json'} and {root / 'frontier.png'}")
+    return result
+
+
+def generate_pairs_samples(reference, tokenizer, prompts, f: FrontierSettings, seed: int):
+    from preftune.eval.sampling import generate
+
+    return generate(reference, tokenizer, prompts, num_samples=f.samples_per_prompt, temperature=1.0,
+                    max_new_tokens=f.max_new_tokens, batch_size=f.generation_batch_size, seed=seed)
+
+
+def format_points(points: list[dict]) -> str:
+    lines = [f"{'method':14}{'setting':14}{'step':>6}{'KL (nats)':>12}{'oracle reward':>20}"]
+    for p in points:
+        lines.append(f"{p['method']:14}{p['setting']:14}{p['step']:>6}{p['kl']:>12.2f}"
+                     f"{p['reward']:>13.3f} ± {p['reward_ci']:.3f}")
+    return "\n".join(lines)

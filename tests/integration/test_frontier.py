@@ -1,0 +1,32 @@
+"""`preftune frontier --quick` end to end on the tiny model: every method yields points, the JSON and the plot."""
+
+import json
+import math
+
+import pytest
+
+from preftune.cli import main
+
+
+def test_frontier_quick_on_tiny(tmp_path, capsys):
+    out = tmp_path / "frontier"
+    code = main(["frontier", "--quick", "--out", str(out), "model=tiny", "train.precision=fp32", "train.batch_size=4",
+                 "train.lr=1e-3", "train.num_threads=1", "frontier.train_prompts=12", "frontier.heldout_prompts=4",
+                 "frontier.samples_per_prompt=2", "frontier.pairs_per_prompt=1", "frontier.min_score_gap=0",
+                 "frontier.max_new_tokens=6", "frontier.dpo_steps=4", "frontier.sft_steps=4",
+                 "frontier.reward_steps=4", "frontier.ppo_iterations=2", "frontier.ppo_batch_size=4",
+                 "frontier.best_of_n=2,4"])
+    assert code == 0
+    result = json.loads((out / "frontier.json").read_text())
+    points = result["points"]
+    assert {p["method"] for p in points} == {"reference", "DPO", "Preferred-FT", "PPO", "PPO-GT", "best-of-N"}
+    for p in points:
+        assert set(p) >= {"method", "setting", "step", "kl", "reward", "reward_ci"}
+        assert 0.0 <= p["reward"] <= 1.0 and p["reward_ci"] >= 0
+    # DPO and Preferred-FT are evaluated at each checkpoint along training (2 points each with --quick)
+    assert sorted(p["step"] for p in points if p["method"] == "DPO") == [2, 4]
+    bon = {p["setting"]: p["kl"] for p in points if p["method"] == "best-of-N"}
+    assert bon["N=4"] == pytest.approx(math.log(4) - 3 / 4)  # the analytic best-of-N KL
+    assert result["budget"]["dpo_settings"] == result["budget"]["ppo_settings"] == 1
+    assert (out / "frontier.png").stat().st_size > 10_000
+    assert "best-of-N" in capsys.readouterr().out
