@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, load_config
 from preftune.data.records import write_jsonl

@@ -12,15 +12,14 @@ import torch
 from preftune.config import Config, ConfigError
 from preftune.data.collate import collate_pairs, pair_collator
 from preftune.data.records import read_preference_pairs
-from preftune.data.tokenize import TokenizedPair, TruncationStats, tokenize_pair
-from preftune.errors import InputError
+from preftune.data.tokenize import TokenizedPair, tokenize_pair
 from preftune.losses import PreferenceLoss, get_loss, loss_params
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
 from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps
 from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
-from preftune.train.common import pick_device, resolve_precision, save_policy, setup_threads, split_eval
+from preftune.train.common import load_splits, pick_device, resolve_precision, save_policy, setup_threads
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
@@ -45,29 +44,10 @@ def loss_from_config(cfg: Config) -> PreferenceLoss:
 
 def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """Read, validate and tokenise the train and eval pairs; report skipped rows and truncation."""
-    if not cfg.data.train:
-        raise InputError("no training data: set data.train=PATH")
-    out = []
-    for path in (cfg.data.train, cfg.data.eval):
-        if not path:
-            out.append([])
-            continue
-        pairs, report = read_preference_pairs(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit,
-                                                  max_pairs_per_prompt=cfg.data.max_pairs_per_prompt)
-        if report.skipped:
-            log.warning("%s: %s", path, report.summary())
-        stats = TruncationStats()
-        tokenized = [tokenize_pair(tokenizer, p, max_length=cfg.data.max_length,
-                                   max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                   prompt_overflow=cfg.data.prompt_overflow,
-                           append_eos=cfg.data.append_eos, stats=stats) for p in pairs]
-        if stats.prompts_truncated or stats.responses_truncated:
-            log.warning("%s: %s", path, stats.summary())
-        out.append(tokenized)
-    train, evals = out
-    if not evals and cfg.data.eval_fraction > 0:
-        train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
-    return train, evals
+    d = cfg.data
+    read = functools.partial(read_preference_pairs, on_invalid=d.on_invalid, limit=d.limit,
+                             max_pairs_per_prompt=d.max_pairs_per_prompt)
+    return load_splits(cfg, read, tokenize_pair, tokenizer)
 
 
 def policy_logps(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:

@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config
-from preftune.errors import InputError
 from preftune.data.collate import collate_examples
 from preftune.data.records import read_sft_examples
-from preftune.data.tokenize import TokenizedExample, TruncationStats, tokenize_example
+from preftune.data.tokenize import TokenizedExample, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.logprobs import sequence_logps
 from preftune.models.lora import apply_lora
-from preftune.train.common import pick_device, resolve_precision, save_policy, setup_threads, split_eval
+from preftune.train.common import load_splits, pick_device, resolve_precision, save_policy, setup_threads
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
@@ -29,27 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenized_examples(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    if not cfg.data.train:
-        raise InputError("no training data: set data.train=PATH")
-    out = []
-    for path in (cfg.data.train, cfg.data.eval):
-        if not path:
-            out.append([])
-            continue
-        examples, report = read_sft_examples(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
-        if report.skipped:
-            log.warning("%s: %s", path, report.summary())
-        stats = TruncationStats()
-        out.append([tokenize_example(tokenizer, e, max_length=cfg.data.max_length,
-                                     max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                     prompt_overflow=cfg.data.prompt_overflow,
-                           append_eos=cfg.data.append_eos, stats=stats) for e in examples])
-        if stats.prompts_truncated or stats.responses_truncated:
-            log.warning("%s: %s", path, stats.summary())
-    train, evals = out
-    if not evals and cfg.data.eval_fraction > 0:
-        train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
-    return train, evals
+    read = functools.partial(read_sft_examples, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
+    return load_splits(cfg, read, tokenize_example, tokenizer)
 
 
 def sft_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
