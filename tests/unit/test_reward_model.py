@@ -158,13 +158,13 @@ def test_reward_statistics_by_hand():
 
 
 def test_rm_scorer_on_a_saved_model(rm, tiny_tokenizer, tmp_path):
-    from preftune.eval.scorers import get_scorer, score_file
+    from preftune.eval.scorers import Scorer, get_scorer, score_file
 
     rm.info.update(base_model="tiny", seed=0, append_eos=True)
     rm.normalization = {"mean": 1.0, "std": 4.0, "n": 2}
     path = rm.save(tmp_path / "rm", tiny_tokenizer)
     scorer = get_scorer(f"rm:{path}")
-    assert scorer.name == "rm"
+    assert scorer.name == "rm" and isinstance(scorer, Scorer)
     texts = ["The movie was wonderful.", "Dull."]
     eos = tiny_tokenizer.eos_token_id
     # the full text as a plain string (SmolLM2's tokenizer adds no BOS), EOS appended as in training

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+TESTED_TRL = ("1.16", "2")  # DPOTrainer internals the gate relies on were read in TRL 1.16
+
 DESCRIPTION = """\
 Run preftune and TRL's DPOTrainer on the same model, data, batch size, sequence lengths, precision and optimizer
 (same lr, beta, max_grad_norm), each system in its own child process, interleaved; time several steps after
@@ -33,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop", help="same for all (default rmsprop)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="same for all; auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--wait-quiet", type=float, metavar="FRACTION",
+                   help="shared machines: before each child, wait (up to 15 min) until other processes keep less "
+                        "than FRACTION of the CPUs busy (e.g. 0.2)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
     p.add_argument("--skip-gate", action="store_true", help=argparse.SUPPRESS)  # tests: the gate has its own
     p.set_defaults(func=cmd_bench)
@@ -44,10 +49,15 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     try:
-        import trl  # noqa: F401
+        import trl
     except ImportError:
         print("error: preftune bench needs TRL: pip install 'preftune[bench]'", file=sys.stderr)
         return 2
+    from packaging.version import Version
+
+    if not Version(TESTED_TRL[0]) <= Version(trl.__version__) < Version(TESTED_TRL[1]):
+        print(f"warning: TRL {trl.__version__}: the gate reads DPOTrainer internals (compute_ref_log_probs, the fused "
+              f"LM head, _metrics) checked against TRL >={TESTED_TRL[0]},<{TESTED_TRL[1]}", file=sys.stderr)
     import torch
 
     from preftune.benchmark.gate import GateError
@@ -59,7 +69,7 @@ def cmd_bench(args) -> int:
     try:
         doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
                             repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,
-                            timeout_s=args.timeout, log=lambda m: print(m, flush=True))
+                            timeout_s=args.timeout, wait_load=args.wait_quiet, log=lambda m: print(m, flush=True))
     except GateError as exc:
         print(f"\nCORRECTNESS GATE FAILED: preftune and TRL do not compute the same thing; no timing was run.\n{exc}",
               file=sys.stderr)

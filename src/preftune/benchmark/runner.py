@@ -83,6 +83,32 @@ def _child(job: dict, root: Path, timeout_s: float) -> dict:
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 
+def cpu_busy(window_s: float = 2.0) -> float:
+    """Fraction of the machine's CPU time that was busy over the next ``window_s`` (from /proc/stat): while the
+    parent waits, that is other processes' load."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(window_s)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(max_busy: float | None, log, max_wait_s: float = 900) -> float | None:
+    """On a shared machine: wait (at most ``max_wait_s``) until other processes use under ``max_busy`` of the
+    CPUs; returns the last busy fraction seen (None when not asked or /proc/stat is missing)."""
+    if max_busy is None or not Path("/proc/stat").is_file():
+        return None
+    start, busy = time.monotonic(), cpu_busy()
+    while busy >= max_busy and time.monotonic() - start < max_wait_s:
+        busy = cpu_busy(5.0)
+    if busy >= max_busy:
+        log(f"  (CPUs still {busy:.0%} busy after {max_wait_s:.0f} s: measuring anyway)")
+    return busy
+
+
 def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict) -> dict:
     row = {"workload": workload.name, "system": system, "rep": rep, "device": workload.device,
            "model": workload.model, "precision": job["precision"], "pairs_per_step": workload.n_pairs,
@@ -96,6 +122,7 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
     return {**row, "pairs_per_s": workload.n_pairs / step_s, "tokens_per_s": result["tokens_per_step"] / step_s,
             "peak_mem_gb": peak, "step_s": step_s, "step_s_median": statistics.median(steps),
             "step_s_min": min(steps), "step_s_max": max(steps), "step_s_list": steps,
+            "step_cpu_s": statistics.fmean(result["step_cpu_s_list"]), "step_cpu_s_list": result["step_cpu_s_list"],
             "peak_rss_gb": result["peak_rss_gb"], "peak_gpu_gb": result["peak_gpu_gb"],
             "tokens_per_step": result["tokens_per_step"], "completion_tokens_per_step": job["completion_tokens_per_step"],
             "tokens_match_preftune": result.get("tokens_match", True),
@@ -110,11 +137,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for workload, system in keys:
         group = [r for r in rows if (r["workload"], r["system"]) == (workload, system) and not r["error"]]
         if not group:
-            out.append({"workload": workload, "system": system, **dict.fromkeys(METRICS), "reps": 0})
+            out.append({"workload": workload, "system": system, **dict.fromkeys(METRICS), "step_cpu_s": None, "reps": 0})
             continue
         steps = [s for r in group for s in r["step_s_list"]]
         step_s = statistics.fmean(steps)
-        out.append({"workload": workload, "system": system, "reps": len(group), "step_s": step_s,
+        cpu_s = statistics.fmean([s for r in group for s in r["step_cpu_s_list"]])
+        out.append({"workload": workload, "system": system, "reps": len(group), "step_s": step_s, "step_cpu_s": cpu_s,
                     "pairs_per_s": group[0]["pairs_per_step"] / step_s,
                     "tokens_per_s": group[0]["tokens_per_step"] / step_s,
                     "peak_mem_gb": max(r["peak_mem_gb"] for r in group)})
@@ -140,10 +168,11 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
-    lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11}"]
+    lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11} "
+             f"{'cpu_s/step':>10}"]
     for s in summary:
         lines.append(f"{s['workload']:22} {s['system']:12} {_fmt(s['step_s'], '8.3f')} {_fmt(s['pairs_per_s'], '8.2f')} "
-                     f"{_fmt(s['tokens_per_s'], '9.0f')} {_fmt(s['peak_mem_gb'], '11.2f')}")
+                     f"{_fmt(s['tokens_per_s'], '9.0f')} {_fmt(s['peak_mem_gb'], '11.2f')} {_fmt(s['step_cpu_s'], '10.2f')}")
     if ratio_rows:
         lines += ["", "preftune / TRL (pairs/s, tokens/s: >1 = preftune faster; peak_mem: <1 = preftune smaller)",
                   f"{'workload':22} {'vs':12} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]
@@ -170,7 +199,7 @@ def prepare_workload(workload: Workload, root: Path) -> dict:
 
 def run_benchmark(*, workloads: list[str], systems: list[str], settings: Settings, quick: bool, repeat: int = 1,
                   steps: tuple[int | None, int | None] = (None, None), gate: bool = True, timeout_s: float = 1800,
-                  log=print) -> dict:
+                  wait_load: float | None = None, log=print) -> dict:
     """Everything ``preftune bench`` does but the printing of the final table; returns the JSON document."""
     unknown = [s for s in systems if s not in SYSTEMS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -204,11 +233,13 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
             for rep in range(repeat):
                 for system in (systems if rep % 2 == 0 else systems[::-1]):
                     job = {**base, "system": system, "rep": rep, "out_dir": str(root / f"{name}-{system}-{rep}")}
+                    busy = wait_quiet(wait_load, log)
                     t0, load_before = time.perf_counter(), os.getloadavg()[0]
                     result = _child(job, root, timeout_s)
                     row = make_row(w, system, rep, job, result)
                     # other processes on the machine: a 1-minute load average above the core count means contention
                     row["load_avg_1m"] = [load_before, os.getloadavg()[0]]
+                    row["cpu_busy_before"] = busy
                     rows.append(row)
                     log(f"  {system:12} " + (f"failed: {row['error'].splitlines()[-1] if row['error'] else ''}"
                                              if row["error"] else

@@ -5,7 +5,8 @@
 Timing is the same for every system: a global optimizer post-step hook (``torch.optim.optimizer.
 register_optimizer_step_post_hook``) stamps the end of each optimizer step, after a device synchronise. The time of
 step k is stamp(k) - stamp(k-1): a whole iteration (data and collate, forward, backward, clipping, optimizer,
-logging), never model loading or data preparation. The first ``warmup_steps`` are not timed. Peak memory is read in
+logging), never model loading or data preparation; the process CPU time (all threads) of each step is recorded
+too, as a view less sensitive to other processes on a shared machine. The first ``warmup_steps`` are not timed. Peak memory is read in
 the same hook: RSS high-water mark of this process (``resource.getrusage``; it includes loading both models) and,
 on CUDA, ``torch.cuda.max_memory_allocated``.
 
@@ -44,6 +45,7 @@ class StepClock:
 
         self.cuda = cuda
         self.times: list[float] = []
+        self.cpu_s: list[float] = []  # process CPU time (all threads): less sensitive to other load than wall time
         self.rss_gb: list[float] = []
         self.gpu_gb: list[float] = []
         self._handle = register_optimizer_step_post_hook(self._stamp)
@@ -55,7 +57,9 @@ class StepClock:
             torch.cuda.synchronize()
             self.gpu_gb.append(torch.cuda.max_memory_allocated() / 2**30)
         self.times.append(time.perf_counter())
-        self.rss_gb.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB on Linux
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu_s.append(usage.ru_utime + usage.ru_stime)
+        self.rss_gb.append(usage.ru_maxrss / 2**20)  # KiB on Linux
 
     def close(self) -> None:
         self._handle.remove()
@@ -80,7 +84,7 @@ def run_preftune(job: dict) -> dict:
     cfg = load_config(None, matched_overrides(job) + [f"run.dir={job['out_dir']}/run", "train.progress=false",
                                                       "run.plot=false"])
     dpo.run_dpo(cfg)
-    return {"settings": {"overrides": matched_overrides(job)[1:], "log_every": cfg.train.log_every}}
+    return {"settings": {"overrides": matched_overrides(job), "log_every": cfg.train.log_every}}
 
 
 def trl_args(job: dict, system: str) -> dict:
@@ -140,6 +144,7 @@ def run_job(job: dict) -> dict:
         raise RuntimeError(f"expected {steps} optimizer steps, the hook saw {len(clock.times)}")
     warm = job["warmup_steps"]
     step_s = [b - a for a, b in zip(clock.times[warm - 1:-1], clock.times[warm:])]
+    step_cpu_s = [b - a for a, b in zip(clock.cpu_s[warm - 1:-1], clock.cpu_s[warm:])]
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -148,7 +153,7 @@ def run_job(job: dict) -> dict:
 
         versions["trl"] = trl.__version__
     return {
-        "step_s_list": step_s, "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
+        "step_s_list": step_s, "step_cpu_s_list": step_cpu_s, "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
         "until_first_timed_step_s": clock.times[warm - 1] - start, "torch_threads": torch.get_num_threads(),
         "tokens_per_step": out.pop("tokens_per_step", job["tokens_per_step"]), "versions": versions, **out,
     }
