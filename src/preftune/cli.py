@@ -61,7 +61,8 @@ def _load(args) -> "object":
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume {resume}: no config.yaml there (not a run directory)")
-        return load_config(saved, overrides)
+        # the run continues where it was found (a copied run directory must not write into its original)
+        return load_config(saved, list(overrides) + [f"run.dir={resume}"])
     return load_config(path, overrides)
 
 
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Add `score_<scorer>` to each JSONL row (computed on prompt + completion, the "
                                    "full text, as the DPO paper's sentiment classifier scores it) and print the mean.")
     p.add_argument("samples", help="JSONL with `prompt` and `completion`")
-    p.add_argument("--scorer", required=True, help="sentiment (the demo's oracle, P(positive)) | vader (compound)")
+    p.add_argument("--scorer", required=True, help="sentiment (the demo's oracle, P(positive)) | vader (compound) | "
+                                                   "rm:PATH (a reward model trained with `preftune reward`)")
     p.add_argument("--out", help="output file (default: rewrite SAMPLES in place, atomically)")
     p.set_defaults(func=cmd_score)
 

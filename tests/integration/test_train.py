@@ -131,9 +131,16 @@ def test_crash_mid_save_leaves_previous_checkpoint_usable(tmp_path, pairs_file):
     state = json.loads((run_dir / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["step"] == 2
     assert not (run_dir / "checkpoints" / "step-000004").exists()  # the half-written one never took its name
-    resumed = _cli(["dpo", "--resume", str(run_dir)])
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = (run_dir / "metrics.jsonl").read_text()
+    resumed = _cli(["dpo", "--resume", str(copy)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 8
+    assert read_metrics(copy / "metrics.jsonl")[-1]["step"] == 8
+    assert (copy / "policy").is_dir() and not (run_dir / "policy").exists()  # the original is left alone
+    assert (run_dir / "metrics.jsonl").read_text() == before
 
 
 def test_prefix_shared_training_matches_padded(tmp_path, pairs_file):

@@ -137,12 +137,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for workload, system in keys:
         group = [r for r in rows if (r["workload"], r["system"]) == (workload, system) and not r["error"]]
         if not group:
-            out.append({"workload": workload, "system": system, **dict.fromkeys(METRICS), "step_cpu_s": None, "reps": 0})
+            out.append({"workload": workload, "system": system, **dict.fromkeys(METRICS), "step_cpu_s": None, "step_s_min": None,
+                        "reps": 0})
             continue
         steps = [s for r in group for s in r["step_s_list"]]
         step_s = statistics.fmean(steps)
         cpu_s = statistics.fmean([s for r in group for s in r["step_cpu_s_list"]])
         out.append({"workload": workload, "system": system, "reps": len(group), "step_s": step_s, "step_cpu_s": cpu_s,
+                    "step_s_min": min(steps),
                     "pairs_per_s": group[0]["pairs_per_step"] / step_s,
                     "tokens_per_s": group[0]["tokens_per_step"] / step_s,
                     "peak_mem_gb": max(r["peak_mem_gb"] for r in group)})
@@ -169,10 +171,11 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
     lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11} "
-             f"{'cpu_s/step':>10}"]
+             f"{'min_step_s':>10} {'cpu_s/step':>10}"]
     for s in summary:
         lines.append(f"{s['workload']:22} {s['system']:12} {_fmt(s['step_s'], '8.3f')} {_fmt(s['pairs_per_s'], '8.2f')} "
-                     f"{_fmt(s['tokens_per_s'], '9.0f')} {_fmt(s['peak_mem_gb'], '11.2f')} {_fmt(s['step_cpu_s'], '10.2f')}")
+                     f"{_fmt(s['tokens_per_s'], '9.0f')} {_fmt(s['peak_mem_gb'], '11.2f')} {_fmt(s['step_s_min'], '10.3f')} "
+                     f"{_fmt(s['step_cpu_s'], '10.2f')}")
     if ratio_rows:
         lines += ["", "preftune / TRL (pairs/s, tokens/s: >1 = preftune faster; peak_mem: <1 = preftune smaller)",
                   f"{'workload':22} {'vs':12} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]

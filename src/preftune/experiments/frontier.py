@@ -165,8 +165,11 @@ def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick:
         points += _checkpoint_points("Preferred-FT", "-", run_dir, held, cfg.model, cfg.train.seed)
 
     rm_dir = root / "runs" / "reward"
+    # the score is read at an EOS that ends every response (read at whatever word a sample ends on, the reward
+    # model stayed at chance on these pairs); lr 5e-5 was the best of those tried on SmolLM2
     rm_result = run_reward(_sub_config(cfg, rm_dir, data + ["data.eval_fraction=0.15", "train.optimizer=adamw",
-                                                            f"train.max_steps={f.reward_steps}", "train.lr=1e-5"]))
+                                                            f"train.max_steps={f.reward_steps}", "train.lr=5e-5",
+                                                            "data.append_eos=true", "train.layout=padded"]))
     rm_path = f"rm:{rm_result['reward_model']}"
     iterations = f.ppo_iterations or max(1, math.ceil(sample_budget / f.ppo_batch_size))
     ppo_runs = [("PPO", f"kl_coef={c}", rm_path, c) for c in _floats(f.ppo_kl_coefs)]

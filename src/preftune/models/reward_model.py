@@ -8,11 +8,14 @@ Deliberate choices:
 - The head is ``nn.Linear(hidden, 1, bias=False)`` in fp32. Default init ``normal``: N(0, 1/(H + 1)) from a
   generator seeded by ``seed`` (Stiennon et al. 2020), so every score is a small random projection from step 1
   and the backbone gets a fixed direction to learn along. ``zeros``: every score starts at exactly 0, so the
-  Bradley-Terry loss of an untrained model is exactly log 2 (tested); but with a fine-tuning learning rate
-  (1e-5) the head then grows by at most lr per element per step, and on SmolLM2 the margins stay ~1e-3 for
-  tens of steps (the loss sits at log 2). The Bradley-Terry likelihood only sees differences
-  r(x, y_w) - r(x, y_l), so a bias would never receive a gradient; the offset is handled by the stored
-  normalisation instead.
+  Bradley-Terry loss of an untrained model is exactly log 2 (tested); but with a fine-tuning learning rate the
+  head grows by at most lr per element per step (Adam), and on SmolLM2 (lr 1e-5, 60 steps) the margins stayed
+  below 0.01 and the loss at log 2. The Bradley-Terry likelihood only sees differences r(x, y_w) - r(x, y_l),
+  so a bias would never receive a gradient; the offset is handled by the stored normalisation instead.
+- Where the score is read matters: with ``data.append_eos=true`` it is read at an EOS appended to every response,
+  a position with the same role in every sequence; without it, at whatever content token the text ends on. On
+  the demo's sentiment pairs (SmolLM2, 60 steps, lr 5e-5) held-out pairwise accuracy was 0.56-0.64 with EOS vs
+  0.52 without (66 pairs, so ±0.06), and Spearman correlation with the oracle on 512 samples 0.42 vs 0.31.
 - Normalisation: after training the mean and standard deviation (population) of the raw rewards of the training
   responses (chosen and rejected) are stored; ``normalized=True`` (the default of the scoring API and of the
   ``rm:PATH`` scorer) reports ``(r - mean) / std``, as Ziegler et al. (2019) standardise their reward model
