@@ -110,6 +110,8 @@ def wait_quiet(max_busy: float | None, log, max_wait_s: float = 900) -> float | 
 
 
 def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict) -> dict:
+    """One child's measurements. ``step_s`` is the MEDIAN timed step (robust to a step disturbed by other
+    processes on a shared machine); pairs/s and tokens/s derive from it; the mean and every step are kept."""
     row = {"workload": workload.name, "system": system, "rep": rep, "device": workload.device,
            "model": workload.model, "precision": job["precision"], "pairs_per_step": workload.n_pairs,
            "prompt_tokens_mean": job["prompt_tokens_mean"], "response_tokens_mean": job["response_tokens_mean"],
@@ -117,12 +119,13 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
     if "error" in result:
         return {**row, **dict.fromkeys(METRICS), "error": result["error"], "oom": result.get("oom", False)}
     steps = result["step_s_list"]
-    step_s = statistics.fmean(steps)
+    step_s = statistics.median(steps)
     peak = result["peak_gpu_gb"] if workload.device == "cuda" else result["peak_rss_gb"]
     return {**row, "pairs_per_s": workload.n_pairs / step_s, "tokens_per_s": result["tokens_per_step"] / step_s,
-            "peak_mem_gb": peak, "step_s": step_s, "step_s_median": statistics.median(steps),
+            "peak_mem_gb": peak, "step_s": step_s, "step_s_mean": statistics.fmean(steps),
             "step_s_min": min(steps), "step_s_max": max(steps), "step_s_list": steps,
-            "step_cpu_s": statistics.fmean(result["step_cpu_s_list"]), "step_cpu_s_list": result["step_cpu_s_list"],
+            "step_cpu_s": statistics.median(result["step_cpu_s_list"]), "step_cpu_s_list": result["step_cpu_s_list"],
+            "step_minflt": statistics.median(result["step_minflt_list"]),
             "peak_rss_gb": result["peak_rss_gb"], "peak_gpu_gb": result["peak_gpu_gb"],
             "tokens_per_step": result["tokens_per_step"], "completion_tokens_per_step": job["completion_tokens_per_step"],
             "tokens_match_preftune": result.get("tokens_match", True),
@@ -131,37 +134,43 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One line per (workload, system), pooling repetitions: step_s = mean over all timed steps of all reps."""
+    """One line per (workload, system), pooling repetitions: step_s = median over all timed steps of all reps,
+    peak memory = the largest peak."""
     out = []
-    keys = list(dict.fromkeys((r["workload"], r["system"]) for r in rows))
-    for workload, system in keys:
+    for workload, system in dict.fromkeys((r["workload"], r["system"]) for r in rows):
         group = [r for r in rows if (r["workload"], r["system"]) == (workload, system) and not r["error"]]
         if not group:
-            out.append({"workload": workload, "system": system, **dict.fromkeys(METRICS), "step_cpu_s": None, "step_s_min": None,
-                        "reps": 0})
+            out.append({"workload": workload, "system": system, "reps": 0, **dict.fromkeys(METRICS),
+                        "step_s_min": None, "step_cpu_s": None})
             continue
         steps = [s for r in group for s in r["step_s_list"]]
-        step_s = statistics.fmean(steps)
-        cpu_s = statistics.fmean([s for r in group for s in r["step_cpu_s_list"]])
-        out.append({"workload": workload, "system": system, "reps": len(group), "step_s": step_s, "step_cpu_s": cpu_s,
-                    "step_s_min": min(steps),
+        step_s = statistics.median(steps)
+        out.append({"workload": workload, "system": system, "reps": len(group),
                     "pairs_per_s": group[0]["pairs_per_step"] / step_s,
                     "tokens_per_s": group[0]["tokens_per_step"] / step_s,
-                    "peak_mem_gb": max(r["peak_mem_gb"] for r in group)})
+                    "peak_mem_gb": max(r["peak_mem_gb"] for r in group), "step_s": step_s, "step_s_min": min(steps),
+                    "step_cpu_s": statistics.median([s for r in group for s in r["step_cpu_s_list"]])})
     return out
 
 
 def ratios(summary: list[dict]) -> list[dict]:
     """preftune / TRL for every metric (> 1 means preftune has more of it: faster for pairs/s and tokens/s,
-    more memory for peak_mem_gb, slower for step_s)."""
+    more memory for peak_mem_gb, slower for step_s), against each TRL system and against ``trl-fastest``: per
+    workload whichever TRL system had the shortest step (TRL's best setting is not the same everywhere)."""
     out = []
     by_key = {(s["workload"], s["system"]): s for s in summary}
-    for (workload, system), theirs in by_key.items():
+    for workload in dict.fromkeys(s["workload"] for s in summary):
         ours = by_key.get((workload, "preftune"))
-        if system == "preftune" or ours is None:
+        theirs = [s for s in summary if s["workload"] == workload and s["system"] != "preftune"]
+        if ours is None or not theirs:
             continue
-        ratio = {m: (ours[m] / theirs[m] if ours[m] is not None and theirs[m] else None) for m in METRICS}
-        out.append({"workload": workload, "baseline": system, **ratio})
+        timed = [s for s in theirs if s["step_s"]]
+        if len(timed) > 1:
+            fastest = min(timed, key=lambda s: s["step_s"])
+            theirs.append({**fastest, "system": f"trl-fastest ({fastest['system']})"})
+        for t in theirs:
+            ratio = {m: (ours[m] / t[m] if ours[m] is not None and t[m] else None) for m in METRICS}
+            out.append({"workload": workload, "baseline": t["system"], **ratio})
     return out
 
 
@@ -178,9 +187,9 @@ def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
                      f"{_fmt(s['step_cpu_s'], '10.2f')}")
     if ratio_rows:
         lines += ["", "preftune / TRL (pairs/s, tokens/s: >1 = preftune faster; peak_mem: <1 = preftune smaller)",
-                  f"{'workload':22} {'vs':12} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]
+                  f"{'workload':22} {'vs':28} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]
         for r in ratio_rows:
-            lines.append(f"{r['workload']:22} {r['baseline']:12} {_fmt(r['pairs_per_s'], '8.2f')} "
+            lines.append(f"{r['workload']:22} {r['baseline']:28} {_fmt(r['pairs_per_s'], '8.2f')} "
                          f"{_fmt(r['tokens_per_s'], '9.2f')} {_fmt(r['peak_mem_gb'], '9.2f')} {_fmt(r['step_s'], '8.2f')}")
     return "\n".join(lines)
 

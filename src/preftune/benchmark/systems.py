@@ -46,6 +46,7 @@ class StepClock:
         self.cuda = cuda
         self.times: list[float] = []
         self.cpu_s: list[float] = []  # process CPU time (all threads): less sensitive to other load than wall time
+        self.minflt: list[int] = []  # minor page faults: fresh memory touched (allocator returning/refetching pages)
         self.rss_gb: list[float] = []
         self.gpu_gb: list[float] = []
         self._handle = register_optimizer_step_post_hook(self._stamp)
@@ -59,6 +60,7 @@ class StepClock:
         self.times.append(time.perf_counter())
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu_s.append(usage.ru_utime + usage.ru_stime)
+        self.minflt.append(usage.ru_minflt)
         self.rss_gb.append(usage.ru_maxrss / 2**20)  # KiB on Linux
 
     def close(self) -> None:
@@ -84,7 +86,11 @@ def run_preftune(job: dict) -> dict:
     cfg = load_config(None, matched_overrides(job) + [f"run.dir={job['out_dir']}/run", "train.progress=false",
                                                       "run.plot=false"])
     dpo.run_dpo(cfg)
-    return {"settings": {"overrides": matched_overrides(job), "log_every": cfg.train.log_every}}
+    from preftune.data.tokenize import TokenizedPair
+
+    items = [TokenizedPair(p, c, r, "bench") for p, c, r in job["preftune_ids"]]
+    return {"settings": {"overrides": matched_overrides(job), "log_every": cfg.train.log_every,
+                         "layout": dpo.resolve_layout(cfg, items), "compile": cfg.train.compile}}
 
 
 def trl_args(job: dict, system: str) -> dict:
@@ -93,7 +99,9 @@ def trl_args(job: dict, system: str) -> dict:
         "per_device_train_batch_size": job["n_pairs"], "gradient_accumulation_steps": 1,
         "max_steps": job["warmup_steps"] + job["timed_steps"], "learning_rate": job["lr"],
         "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-        "optim": {"rmsprop": "rmsprop", "adamw": "adamw_torch"}[job["optimizer"]],
+        # torch's RMSprop / AdamW as preftune builds them (fused AdamW on CUDA, torch's default loop on CPU)
+        "optim": {"rmsprop": "rmsprop", "adamw": "adamw_torch_fused" if job["device"] == "cuda" else "adamw_torch"}[
+            job["optimizer"]],
         "max_grad_norm": job["max_grad_norm"], "beta": job["beta"], "loss_type": ["sigmoid"],
         "bf16": job["precision"] == "bf16", "fp16": False, "max_length": job["max_length"], "seed": job["seed"],
         "model_init_kwargs": {"dtype": "float32"},  # fp32 weights + autocast, as preftune
@@ -145,6 +153,7 @@ def run_job(job: dict) -> dict:
     warm = job["warmup_steps"]
     step_s = [b - a for a, b in zip(clock.times[warm - 1:-1], clock.times[warm:])]
     step_cpu_s = [b - a for a, b in zip(clock.cpu_s[warm - 1:-1], clock.cpu_s[warm:])]
+    step_minflt = [b - a for a, b in zip(clock.minflt[warm - 1:-1], clock.minflt[warm:])]
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -153,7 +162,8 @@ def run_job(job: dict) -> dict:
 
         versions["trl"] = trl.__version__
     return {
-        "step_s_list": step_s, "step_cpu_s_list": step_cpu_s, "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
+        "step_s_list": step_s, "step_cpu_s_list": step_cpu_s, "step_minflt_list": step_minflt,
+        "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
         "until_first_timed_step_s": clock.times[warm - 1] - start, "torch_threads": torch.get_num_threads(),
         "tokens_per_step": out.pop("tokens_per_step", job["tokens_per_step"]), "versions": versions, **out,
     }

@@ -45,7 +45,7 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("cpu-short", "smollm2-135m", 4, 20, 50, "cpu", 2, 6, quick=(2, 3),
              note="the issue's measurement: ~70 tokens per sequence"),
-    Workload("cpu-long-prompt", "smollm2-135m", 4, 400, 40, "cpu", 1, 2,
+    Workload("cpu-long-prompt", "smollm2-135m", 4, 400, 40, "cpu", 1, 3,
              note="long shared prompt, short responses"),
     Workload("gpu-0.4b-short", "llama:0.4b", 8, 128, 128, "cuda", 3, 10, quick=(2, 3)),
     Workload("gpu-0.4b-2k", "llama:0.4b", 8, 512, 1536, "cuda", 3, 10),
