@@ -23,7 +23,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="benchmark against TRL's DPOTrainer, side by side",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="cpu-short only, 2 warm-up + 3 timed steps (< 3 min on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="cpu-short only, 2 warm-up + 3 timed steps (< 3 min on 2 cores)")
     p.add_argument("--out", metavar="FILE.json", help="write rows, per-system summary, ratios and the gate's result")
     p.add_argument("--workloads", help="comma-separated (default: the CPU workloads, or the GPU ones when CUDA is "
                                        "available): cpu-short, cpu-long-prompt, gpu-0.4b-short, gpu-0.4b-2k, "
@@ -32,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="timed steps per run (default: per workload)")
     p.add_argument("--warmup-steps", type=int, help="untimed steps first, at least 1 (default: per workload)")
     p.add_argument("--repeat", type=int, default=1, help="repetitions; odd ones run the systems in reverse order")
-    p.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop", help="same for all (default rmsprop)")
+    p.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop",
+                   help="same for all (default rmsprop)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="same for all; auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32")
     p.add_argument("--wait-quiet", type=float, metavar="FRACTION",
@@ -64,12 +66,13 @@ def cmd_bench(args) -> int:
     from preftune.benchmark.runner import Settings, format_table, run_benchmark
     from preftune.benchmark.workloads import default_workloads
 
-    workloads = args.workloads.split(",") if args.workloads else default_workloads(args.quick, torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    workloads = args.workloads.split(",") if args.workloads else default_workloads(args.quick, cuda)
     settings = Settings(optimizer=args.optimizer, precision=args.precision)
     try:
         doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
                             repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,
-                            timeout_s=args.timeout, wait_load=args.wait_quiet, log=lambda m: print(m, flush=True))
+                            timeout_s=args.timeout, wait_busy=args.wait_quiet, log=lambda m: print(m, flush=True))
     except GateError as exc:
         print(f"\nCORRECTNESS GATE FAILED: preftune and TRL do not compute the same thing; no timing was run.\n{exc}",
               file=sys.stderr)

@@ -82,7 +82,7 @@ def _trl_side(policy_dir: str, ref_dir: str, tokenizer, records: list[dict], out
 
     args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=len(records), beta=BETA, loss_type=["sigmoid"],
                      bf16=False, gradient_checkpointing=False, max_length=None, report_to="none", disable_tqdm=True,
-                     model_init_kwargs={"dtype": "float32"})
+                     model_init_kwargs={"dtype": "float32"}, use_cpu=True)  # both sides on the CPU, also on GPU hosts
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     trainer = DPOTrainer(model=policy_dir, ref_model=ref, args=args, train_dataset=Dataset.from_list(records),
                          processing_class=tokenizer)
@@ -110,8 +110,8 @@ def compare(ours: dict, theirs: dict, tolerance: float) -> dict:
     n = len(ours["ids"])
     result = {
         "n_pairs": n, "tokens_identical": True, "tolerance": tolerance, "beta": BETA,
-        "max_abs_diff_policy_logps": (ours["policy"] - theirs["policy"]).abs().max().item(),
-        "max_abs_diff_ref_logps": (ours["ref"] - theirs["ref"]).abs().max().item(),
+        "max_abs_diff_policy_logps": (ours["policy"] - theirs["policy"].cpu()).abs().max().item(),
+        "max_abs_diff_ref_logps": (ours["ref"] - theirs["ref"].cpu()).abs().max().item(),
         "abs_diff_loss": abs(ours["loss"] - theirs["loss"]),
         "abs_diff_logps_chosen_mean_in_loss": abs(ours["policy"][:n].mean().item() - theirs["logged_chosen_mean"]),
         "rel_diff_grad_norm": abs(ours["grad_norm"] - theirs["grad_norm"]) / max(abs(theirs["grad_norm"]), 1e-12),

@@ -127,7 +127,8 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
             "step_cpu_s": statistics.median(result["step_cpu_s_list"]), "step_cpu_s_list": result["step_cpu_s_list"],
             "step_minflt": statistics.median(result["step_minflt_list"]),
             "peak_rss_gb": result["peak_rss_gb"], "peak_gpu_gb": result["peak_gpu_gb"],
-            "tokens_per_step": result["tokens_per_step"], "completion_tokens_per_step": job["completion_tokens_per_step"],
+            "tokens_per_step": result["tokens_per_step"],
+            "completion_tokens_per_step": job["completion_tokens_per_step"],
             "tokens_match_preftune": result.get("tokens_match", True),
             "until_first_timed_step_s": result["until_first_timed_step_s"], "torch_threads": result["torch_threads"],
             "settings": result["settings"], "versions": result["versions"], "error": None}
@@ -182,15 +183,17 @@ def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
     lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11} "
              f"{'min_step_s':>10} {'cpu_s/step':>10}"]
     for s in summary:
-        lines.append(f"{s['workload']:22} {s['system']:12} {_fmt(s['step_s'], '8.3f')} {_fmt(s['pairs_per_s'], '8.2f')} "
-                     f"{_fmt(s['tokens_per_s'], '9.0f')} {_fmt(s['peak_mem_gb'], '11.2f')} {_fmt(s['step_s_min'], '10.3f')} "
+        lines.append(f"{s['workload']:22} {s['system']:12} {_fmt(s['step_s'], '8.3f')} "
+                     f"{_fmt(s['pairs_per_s'], '8.2f')} {_fmt(s['tokens_per_s'], '9.0f')} "
+                     f"{_fmt(s['peak_mem_gb'], '11.2f')} {_fmt(s['step_s_min'], '10.3f')} "
                      f"{_fmt(s['step_cpu_s'], '10.2f')}")
     if ratio_rows:
         lines += ["", "preftune / TRL (pairs/s, tokens/s: >1 = preftune faster; peak_mem: <1 = preftune smaller)",
                   f"{'workload':22} {'vs':28} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]
         for r in ratio_rows:
             lines.append(f"{r['workload']:22} {r['baseline']:28} {_fmt(r['pairs_per_s'], '8.2f')} "
-                         f"{_fmt(r['tokens_per_s'], '9.2f')} {_fmt(r['peak_mem_gb'], '9.2f')} {_fmt(r['step_s'], '8.2f')}")
+                         f"{_fmt(r['tokens_per_s'], '9.2f')} {_fmt(r['peak_mem_gb'], '9.2f')} "
+                         f"{_fmt(r['step_s'], '8.2f')}")
     return "\n".join(lines)
 
 
@@ -209,32 +212,58 @@ def prepare_workload(workload: Workload, root: Path) -> dict:
             "n_pairs": workload.n_pairs, "device": workload.device, "preftune_ids": tokens.pop("ids"), **tokens}
 
 
+def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repeat: int, timeout_s: float,
+                  wait_busy: float | None, log) -> list[dict]:
+    """Every system on one workload, ``repeat`` times, alternating the order; one row per child."""
+    rows = []
+    for rep in range(repeat):
+        for system in (systems if rep % 2 == 0 else systems[::-1]):
+            job = {**base, "system": system, "rep": rep, "out_dir": str(root / f"{w.name}-{system}-{rep}")}
+            busy = wait_quiet(wait_busy, log)
+            t0, load_before = time.perf_counter(), os.getloadavg()[0]
+            row = make_row(w, system, rep, job, _child(job, root, timeout_s))
+            # other processes on the machine: a 1-minute load average above the core count means contention
+            row.update(load_avg_1m=[load_before, os.getloadavg()[0]], cpu_busy_before=busy)
+            rows.append(row)
+            if row["error"]:
+                shown = f"failed: {row['error'].splitlines()[-1] if row['error'].strip() else ''}"
+            else:
+                shown = (f"{row['step_s']:.3f} s/step  {row['pairs_per_s']:.2f} pairs/s  "
+                         f"{row['tokens_per_s']:.0f} tokens/s  peak {row['peak_mem_gb']:.2f} GB")
+            log(f"  {system:12} {shown}  (child {time.perf_counter() - t0:.0f} s, load {load_before:.1f})")
+    return rows
+
+
 def run_benchmark(*, workloads: list[str], systems: list[str], settings: Settings, quick: bool, repeat: int = 1,
                   steps: tuple[int | None, int | None] = (None, None), gate: bool = True, timeout_s: float = 1800,
-                  wait_load: float | None = None, log=print) -> dict:
+                  wait_busy: float | None = None, log=print) -> dict:
     """Everything ``preftune bench`` does but the printing of the final table; returns the JSON document."""
     unknown = [s for s in systems if s not in SYSTEMS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown system or workload: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)}; "
                          f"workloads: {', '.join(WORKLOADS)})")
+    if (steps[0] is not None and steps[0] < 1) or (steps[1] is not None and steps[1] < 1) or repeat < 1:
+        raise ValueError("--warmup-steps, --steps and --repeat must be >= 1 (a step is timed from the end of the "
+                         "previous one)")
     started = time.time()
     doc: dict = {"meta": {"command": " ".join(["preftune", *sys.argv[1:]]) if sys.argv else "", "quick": quick,
                           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": hardware(),
-                          "settings": vars(settings), "repeat": repeat, "systems": systems, "workloads": workloads}}
+                          "settings": vars(settings), "repeat": repeat, "systems": systems, "workloads": workloads},
+                 "gate": None}
     if gate:
         from preftune.benchmark.gate import run_gate
 
         doc["gate"] = run_gate()
         log(f"gate passed on tiny: max |Δ log-prob| policy {doc['gate']['max_abs_diff_policy_logps']:.2e}, "
             f"reference {doc['gate']['max_abs_diff_ref_logps']:.2e}, |Δ loss| {doc['gate']['abs_diff_loss']:.2e}")
-    else:
-        doc["gate"] = None
     rows = []
     with tempfile.TemporaryDirectory(prefix="preftune-bench-") as tmp:
         root = Path(tmp)
         for name in workloads:
             w = WORKLOADS[name]
-            warm, timed = (w.quick or (w.warmup_steps, min(w.timed_steps, 3))) if quick else (w.warmup_steps, w.timed_steps)
+            warm, timed = (w.warmup_steps, w.timed_steps)
+            if quick:
+                warm, timed = w.quick or (w.warmup_steps, min(w.timed_steps, 3))
             warm, timed = steps[0] or warm, steps[1] or timed
             prepared = prepare_workload(w, root)
             base = {**prepared, **vars(settings), "precision": resolve_precision(settings.precision, w.device),
@@ -242,22 +271,7 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
             log(f"{name}: {w.model}, {w.n_pairs} pairs/step, prompt {prepared['prompt_tokens_mean']:.0f} + response "
                 f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "
                 f"{base['precision']}, {warm} warm-up + {timed} timed steps")
-            for rep in range(repeat):
-                for system in (systems if rep % 2 == 0 else systems[::-1]):
-                    job = {**base, "system": system, "rep": rep, "out_dir": str(root / f"{name}-{system}-{rep}")}
-                    busy = wait_quiet(wait_load, log)
-                    t0, load_before = time.perf_counter(), os.getloadavg()[0]
-                    result = _child(job, root, timeout_s)
-                    row = make_row(w, system, rep, job, result)
-                    # other processes on the machine: a 1-minute load average above the core count means contention
-                    row["load_avg_1m"] = [load_before, os.getloadavg()[0]]
-                    row["cpu_busy_before"] = busy
-                    rows.append(row)
-                    log(f"  {system:12} " + (f"failed: {row['error'].splitlines()[-1] if row['error'] else ''}"
-                                             if row["error"] else
-                                             f"{row['step_s']:.3f} s/step  {row['pairs_per_s']:.2f} pairs/s  "
-                                             f"{row['tokens_per_s']:.0f} tokens/s  peak {row['peak_mem_gb']:.2f} GB")
-                        + f"  (child {time.perf_counter() - t0:.0f} s, load {load_before:.1f})")
+            rows += _run_workload(w, systems, base, root, repeat, timeout_s, wait_busy, log)
     summary = aggregate(rows)
     doc.update(rows=rows, summary=summary, ratios=ratios(summary))
     doc["meta"]["wall_s"] = time.time() - started

@@ -5,16 +5,18 @@
 Timing is the same for every system: a global optimizer post-step hook (``torch.optim.optimizer.
 register_optimizer_step_post_hook``) stamps the end of each optimizer step, after a device synchronise. The time of
 step k is stamp(k) - stamp(k-1): a whole iteration (data and collate, forward, backward, clipping, optimizer,
-logging), never model loading or data preparation; the process CPU time (all threads) of each step is recorded
-too, as a view less sensitive to other processes on a shared machine. The first ``warmup_steps`` are not timed. Peak memory is read in
-the same hook: RSS high-water mark of this process (``resource.getrusage``; it includes loading both models) and,
-on CUDA, ``torch.cuda.max_memory_allocated``.
+logging), never model loading or data preparation. The first ``warmup_steps`` are not timed. The same hook records
+the process CPU time (all threads; a view less sensitive to other processes on a shared machine), minor page
+faults (fresh memory the kernel had to zero-fill), and peak memory: the RSS high-water mark of this process
+(``resource.getrusage``; it includes loading both models) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 
 Systems:
 - ``preftune``: the real ``run_dpo`` (config overrides only). The final checkpoint and policy save are replaced by
   no-ops here: they come after the timed steps and TRL runs with ``save_strategy="no"``.
-- ``trl-default``: ``DPOTrainer`` with TRL's defaults apart from the matched settings (``MATCHED``).
-- ``trl-best``: the same plus what makes TRL fastest on one device (``TRL_BEST``).
+- ``trl-default``: ``DPOTrainer`` with TRL's defaults apart from the matched settings (``trl_args``).
+- ``trl-best``: the same plus TRL's fastest-looking single-device settings (``TRL_BEST``). Measured on CPU with
+  long prompts, gradient checkpointing OFF is slower for TRL; the runner's ratios therefore also compare against
+  ``trl-fastest``, the faster TRL system per workload.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def tokenize_records(tokenizer, records: list[dict[str, str]], workload: Workloa
     n = len(items)
     prompt = sum(len(p.prompt_ids) for p in items) / n
     response = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in items) / (2 * n)
-    for name, got, want in (("prompt", prompt, workload.prompt_tokens), ("response", response, workload.response_tokens)):
+    for name, got, want in (("prompt", prompt, workload.prompt_tokens),
+                            ("response", response, workload.response_tokens)):
         if abs(got - want) > max(2.0, 0.1 * want):
             raise AssertionError(f"{workload.name}: mean {name} length {got:.1f} tokens, target {want}")
     return {
