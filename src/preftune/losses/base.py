@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -40,6 +41,30 @@ class PreferenceLoss:
 
     def compute(self, pc, pr, rc, rr) -> LossOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def check_beta(beta: float, name: str = "beta") -> None:
+    if beta <= 0:
+        raise ValueError(f"{name} must be > 0")
+
+
+def check_label_smoothing(eps: float, name: str = "label_smoothing") -> None:
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"{name} must be in [0, 0.5)")
+
+
+def reference_margin(beta: float, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor,
+                     rr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, chosen_rewards, rejected_rewards) for reference-based losses: h = (pc − rc) − (pr − rr), (B,), and
+    the β-scaled log-ratios β(pc − rc), β(pr − rr), detached (metrics only)."""
+    chosen_logratio, rejected_logratio = pc - rc, pr - rr
+    return (chosen_logratio - rejected_logratio, (beta * chosen_logratio).detach(),
+            (beta * rejected_logratio).detach())
+
+
+def smoothed_logistic_loss(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """−(1 − ε) log σ(z) − ε log σ(−z): the logistic loss with labels flipped at rate ε (cDPO; ε = 0: plain)."""
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
 _REGISTRY: dict[str, type[PreferenceLoss]] = {}

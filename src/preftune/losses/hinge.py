@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, PreferenceLoss, register
+from preftune.losses.base import LossOutput, PreferenceLoss, check_beta, reference_margin, register
 
 
 @register
@@ -28,12 +28,10 @@ class HingeLoss(PreferenceLoss):
     reduction = "sum"
 
     def __init__(self, beta: float = 0.1):
-        if beta <= 0:
-            raise ValueError("beta must be > 0")
+        check_beta(beta)
         self.beta = beta
 
     def compute(self, pc, pr, rc, rr) -> LossOutput:
-        chosen_logratio = pc - rc
-        rejected_logratio = pr - rr
-        losses = torch.relu(1.0 - self.beta * (chosen_logratio - rejected_logratio))
-        return LossOutput(losses, (self.beta * chosen_logratio).detach(), (self.beta * rejected_logratio).detach())
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+        losses = torch.relu(1.0 - self.beta * h)
+        return LossOutput(losses, chosen_rewards, rejected_rewards)

@@ -18,7 +18,7 @@ Rewards: β-scaled log-ratios of whichever reduction is in use.
 
 from __future__ import annotations
 
-from preftune.losses.base import LossOutput, PreferenceLoss, register
+from preftune.losses.base import LossOutput, PreferenceLoss, check_beta, reference_margin, register
 
 
 @register
@@ -28,8 +28,7 @@ class IPOLoss(PreferenceLoss):
     reduction = "mean"
 
     def __init__(self, beta: float = 0.1, average_log_probs: bool = True):
-        if beta <= 0:
-            raise ValueError("beta must be > 0")
+        check_beta(beta)
         if not isinstance(average_log_probs, bool):
             raise TypeError("average_log_probs must be a bool")
         self.beta = beta
@@ -37,8 +36,6 @@ class IPOLoss(PreferenceLoss):
         self.reduction = "mean" if average_log_probs else "sum"
 
     def compute(self, pc, pr, rc, rr) -> LossOutput:
-        chosen_logratio = pc - rc
-        rejected_logratio = pr - rr
-        h = chosen_logratio - rejected_logratio
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
         losses = (h - 1.0 / (2.0 * self.beta)) ** 2
-        return LossOutput(losses, (self.beta * chosen_logratio).detach(), (self.beta * rejected_logratio).detach())
+        return LossOutput(losses, chosen_rewards, rejected_rewards)

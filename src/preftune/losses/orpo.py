@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, PreferenceLoss, register
+from preftune.losses.base import LossOutput, PreferenceLoss, check_beta, register
 
 _MAX_AVG_LOGP = -1e-6
 
@@ -41,8 +41,7 @@ class ORPOLoss(PreferenceLoss):
     reduction = "mean"
 
     def __init__(self, beta: float = 0.1):
-        if beta <= 0:
-            raise ValueError("beta (ORPO's λ) must be > 0")
+        check_beta(beta, "beta (ORPO's λ)")
         self.beta = beta
 
     def compute(self, pc, pr, rc, rr) -> LossOutput:

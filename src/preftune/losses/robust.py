@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, PreferenceLoss, register
+from preftune.losses.base import (LossOutput, PreferenceLoss, check_beta, check_label_smoothing, reference_margin,
+                                  register)
 
 
 @register
@@ -35,18 +36,15 @@ class RobustLoss(PreferenceLoss):
     reduction = "sum"
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
-        if beta <= 0:
-            raise ValueError("beta must be > 0")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError("label_smoothing (the label-flip rate ε) must be in [0, 0.5)")
+        check_beta(beta)
+        check_label_smoothing(label_smoothing, "label_smoothing (the label-flip rate ε)")
         self.beta = beta
         self.label_smoothing = label_smoothing
 
     def compute(self, pc, pr, rc, rr) -> LossOutput:
-        chosen_logratio = pc - rc
-        rejected_logratio = pr - rr
-        logits = self.beta * (chosen_logratio - rejected_logratio)
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+        logits = self.beta * h
         eps = self.label_smoothing
         # == ((1 - eps) * -logsigmoid(z) - eps * -logsigmoid(-z)) / (1 - 2 eps), see the docstring
         losses = -F.logsigmoid(logits) - (eps / (1 - 2 * eps)) * logits
-        return LossOutput(losses, (self.beta * chosen_logratio).detach(), (self.beta * rejected_logratio).detach())
+        return LossOutput(losses, chosen_rewards, rejected_rewards)

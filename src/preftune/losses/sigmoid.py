@@ -11,9 +11,8 @@ log-probs (the paper's sequence log-likelihood), the loss per pair is
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from preftune.losses.base import LossOutput, PreferenceLoss, register
+from preftune.losses.base import (LossOutput, PreferenceLoss, check_beta, check_label_smoothing, reference_margin,
+                                  register, smoothed_logistic_loss)
 
 
 @register
@@ -23,17 +22,11 @@ class SigmoidLoss(PreferenceLoss):
     reduction = "sum"
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
-        if beta <= 0:
-            raise ValueError("beta must be > 0")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5)")
+        check_beta(beta)
+        check_label_smoothing(label_smoothing)
         self.beta = beta
         self.label_smoothing = label_smoothing
 
     def compute(self, pc, pr, rc, rr) -> LossOutput:
-        chosen_logratio = pc - rc
-        rejected_logratio = pr - rr
-        logits = self.beta * (chosen_logratio - rejected_logratio)
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-        return LossOutput(losses, (self.beta * chosen_logratio).detach(), (self.beta * rejected_logratio).detach())
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+        return LossOutput(smoothed_logistic_loss(self.beta * h, self.label_smoothing), chosen_rewards, rejected_rewards)

@@ -17,9 +17,8 @@ Rewards: β · avg log π (chosen and rejected), as the paper defines the reward
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from preftune.losses.base import LossOutput, PreferenceLoss, register
+from preftune.losses.base import (LossOutput, PreferenceLoss, check_beta, check_label_smoothing, register,
+                                  smoothed_logistic_loss)
 
 
 @register
@@ -29,12 +28,10 @@ class SimPOLoss(PreferenceLoss):
     reduction = "mean"
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0):
-        if beta <= 0:
-            raise ValueError("beta must be > 0")
+        check_beta(beta)
         if gamma < 0:
             raise ValueError("gamma (the target reward margin) must be >= 0")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5)")
+        check_label_smoothing(label_smoothing)
         self.beta = beta
         self.gamma = gamma
         self.label_smoothing = label_smoothing
@@ -42,6 +39,5 @@ class SimPOLoss(PreferenceLoss):
     def compute(self, pc, pr, rc, rr) -> LossOutput:
         del rc, rr  # reference-free by construction
         logits = self.beta * (pc - pr) - self.gamma
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        losses = smoothed_logistic_loss(logits, self.label_smoothing)
         return LossOutput(losses, (self.beta * pc).detach(), (self.beta * pr).detach())
