@@ -146,6 +146,24 @@ def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
     return mode
 
 
+def reference_loader(cfg: Config, ref_spec: str):
+    """A function that loads the frozen reference named by ``ref_spec`` (called only when it is needed)."""
+    return functools.partial(load_reference, ref_spec, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+
+
+def precompute_reference(cfg: Config, ref_spec: str, splits: dict[str, list], tokenizer, device: torch.device,
+                         precision: str) -> dict[str, list]:
+    """``splits`` with cached reference log-probs attached (``reference.mode=precomputed``); the cache key
+    covers the reference weights, tokenizer, template, truncation settings, precision and the data."""
+    d = cfg.data
+    settings = {"max_length": d.max_length, "max_prompt_tokens": d.max_prompt_tokens,
+                "prompt_overflow": d.prompt_overflow, "append_eos": d.append_eos}
+    return precompute(splits, load_model=reference_loader(cfg, ref_spec),
+                      weights=weights_identity(ref_spec, cfg.train.seed), tokenizer=tokenizer, settings=settings,
+                      pad_id=tokenizer.pad_token_id, batch_size=cfg.train.eval_batch_size, device=device,
+                      precision=precision, root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)
+
+
 def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, splits: dict[str, list],
                                device: torch.device, precision: str) -> tuple[torch.nn.Module, Reference | None, dict]:
     """Load the policy (LoRA-wrapped when asked or implied) and the reference strategy. With ``precomputed``
@@ -153,15 +171,9 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     before the policy loads."""
     mode = resolve_reference_mode(cfg, loss_fn)
     ref_spec = cfg.ref_model or cfg.model
-    load_ref = functools.partial(load_reference, ref_spec, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    load_ref = reference_loader(cfg, ref_spec)
     if mode == "precomputed":
-        d = cfg.data
-        settings = {"max_length": d.max_length, "max_prompt_tokens": d.max_prompt_tokens,
-                    "prompt_overflow": d.prompt_overflow, "append_eos": d.append_eos}
-        splits = precompute(splits, load_model=load_ref, weights=weights_identity(ref_spec, cfg.train.seed),
-                            tokenizer=tokenizer, settings=settings, pad_id=tokenizer.pad_token_id,
-                            batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
-                            root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)
+        splits = precompute_reference(cfg, ref_spec, splits, tokenizer, device, precision)
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)

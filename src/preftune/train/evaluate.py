@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -10,11 +9,12 @@ from preftune.config import Config
 from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TruncationStats, tokenize_pair
 from preftune.errors import InputError
-from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
+from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.lora import base_of, is_adapter_dir
-from preftune.models.reference import FrozenReference, PrecomputedReference, precompute, weights_identity
+from preftune.models.reference import FrozenReference, PrecomputedReference
 from preftune.train.common import pick_device, resolve_precision, setup_threads
-from preftune.train.dpo import evaluate_pairs, loss_from_config, resolve_reference_mode
+from preftune.train.dpo import (evaluate_pairs, loss_from_config, precompute_reference, reference_loader,
+                                resolve_reference_mode)
 
 
 def _reference_spec(cfg: Config, mode: str) -> str | None:
@@ -47,18 +47,12 @@ def run_eval(cfg: Config, *, out: str | None = None) -> dict:
                            prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for p in pairs]
     device = pick_device()
     precision = resolve_precision(cfg, device)
-    load_ref = functools.partial(load_reference, ref_spec, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     reference = None
     if mode == "precomputed":
-        settings = {"max_length": d.max_length, "max_prompt_tokens": d.max_prompt_tokens,
-                    "prompt_overflow": d.prompt_overflow, "append_eos": d.append_eos}
-        items = precompute({"eval": items}, load_model=load_ref, weights=weights_identity(ref_spec, cfg.train.seed),
-                           tokenizer=tokenizer, settings=settings, pad_id=tokenizer.pad_token_id,
-                           batch_size=cfg.train.eval_batch_size, device=device, precision=precision,
-                           root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)["eval"]
+        items = precompute_reference(cfg, ref_spec, {"eval": items}, tokenizer, device, precision)["eval"]
         reference = PrecomputedReference()
     elif mode in ("model", "adapter"):
-        reference = FrozenReference(load_ref().to(device))
+        reference = FrozenReference(reference_loader(cfg, ref_spec)().to(device))
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
     metrics = evaluate_pairs(policy, reference, loss_fn, items, tokenizer.pad_token_id, cfg.train.eval_batch_size,
                              device, cfg.dpo.sft_weight, precision)
