@@ -21,7 +21,11 @@ _PANELS = {
             ("preference accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]),
             ("policy log-probs (both may fall)", ["logps/chosen", "logps/rejected"])],
     "sft": [("loss (NLL per token)", ["loss", "eval/loss"]), ("learning rate", ["lr"])],
+    "ppo": [("reward (mean score)", ["reward"]), ("KL(pi || ref) per sequence", ["kl"]), ("kl_coef", ["kl_coef"]),
+            ("entropy per token", ["entropy"]), ("losses", ["policy_loss", "value_loss"]),
+            ("clipping", ["clip_fraction", "value_clip_fraction", "approx_kl"])],
 }
+_X_LABEL = {"ppo": "iteration"}
 
 
 def plot_training(rows: list[dict[str, Any]], path: Path, *, kind: str = "dpo") -> Path | None:
@@ -36,7 +40,7 @@ def plot_training(rows: list[dict[str, Any]], path: Path, *, kind: str = "dpo") 
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, ms=3, label=key)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(_X_LABEL.get(kind, "step"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

