@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.faults import maybe_fault
+from preftune.train.rundir import atomic_write_text
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -63,12 +64,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (all of them in full fine-tuning, only the adapter with LoRA): frozen weights
     are rebuilt from the model spec on resume. Tied weights appear once (named_parameters deduplicates)."""
@@ -93,7 +88,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name)
+    atomic_write_text(root / "latest", final.name)
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

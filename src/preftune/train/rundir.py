@@ -50,6 +50,13 @@ def write_env(path: Path, seed: int) -> None:
     (path / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` so that a reader (or a crash) sees the old content or the new, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Appends one JSON object per line and flushes it, so a run that stops keeps every logged step."""
 
@@ -73,9 +80,7 @@ class MetricsWriter:
             return
         keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def close(self) -> None:
         if self._file is not None:
