@@ -54,8 +54,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 16
     precision: str = "auto"  # auto | fp32 | bf16 (autocast for the transformer body; log-probs are always fp32)
-    layout: str = "auto"  # auto | padded | prefix_shared (one [prompt][chosen][rejected] row per pair)
+    # auto | padded | prefix_shared (one [prompt][chosen][rejected] row per pair) | packed (several such triples
+    # per row, block-diagonal mask, rows no longer than the longest triple)
+    layout: str = "auto"
     compile: bool = False  # torch.compile the policy's decoder in place (GPU; costs compile time up front)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more compute
+    device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N | mps
+    save_final: bool = True  # the final checkpoint and RUN/policy; false: metrics only (throughput benchmarks)
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     progress: bool = True  # live progress bar
 
@@ -114,7 +119,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("rmsprop", "adamw"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "train.layout": ("auto", "padded", "prefix_shared"),
+    "train.layout": ("auto", "padded", "prefix_shared", "packed"),
     "reference.mode": ("model", "adapter", "precomputed", "none"),
 }
 

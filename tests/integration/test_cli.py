@@ -1,10 +1,8 @@
 """Every CLI command end to end on the tiny model, and every bad-input case with its promised error."""
 
 import json
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from preftune.cli import main
 

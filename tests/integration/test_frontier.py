@@ -2,21 +2,22 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from preftune.cli import main
 
 
-def test_frontier_quick_on_tiny(tmp_path, capsys):
+def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
     out = tmp_path / "frontier"
-    code = main(["frontier", "--quick", "--out", str(out), "model=tiny", "train.precision=fp32", "train.batch_size=4",
+    args = ["frontier", "--quick", "--out", str(out), "model=tiny", "train.precision=fp32", "train.batch_size=4",
                  "train.lr=1e-3", "train.num_threads=1", "frontier.train_prompts=12", "frontier.heldout_prompts=4",
                  "frontier.samples_per_prompt=2", "frontier.pairs_per_prompt=1", "frontier.min_score_gap=0",
                  "frontier.max_new_tokens=6", "frontier.dpo_steps=4", "frontier.sft_steps=4",
                  "frontier.reward_steps=4", "frontier.ppo_iterations=2", "frontier.ppo_batch_size=4",
-                 "frontier.best_of_n=2,4"])
-    assert code == 0
+                 "frontier.best_of_n=2,4"]
+    assert main(args) == 0
     result = json.loads((out / "frontier.json").read_text())
     points = result["points"]
     assert {p["method"] for p in points} == {"reference", "DPO", "Preferred-FT", "PPO", "PPO-GT", "best-of-N"}
@@ -30,3 +31,15 @@ def test_frontier_quick_on_tiny(tmp_path, capsys):
     assert result["budget"]["dpo_settings"] == result["budget"]["ppo_settings"] == 1
     assert (out / "frontier.png").stat().st_size > 10_000
     assert "best-of-N" in capsys.readouterr().out
+
+    # the same --out again: every finished run is reused (same settings), and the points are the same
+    first = points
+    caplog.set_level("INFO", logger="preftune.experiments.frontier")
+    assert main(args) == 0
+    assert sum("reusing" in r.getMessage() for r in caplog.records) == 5  # DPO, Preferred-FT, RM, PPO, PPO-GT
+    assert json.loads((out / "frontier.json").read_text())["points"] == first
+    # a changed PPO setting re-runs the PPO runs only
+    caplog.clear()
+    assert main(args + ["frontier.ppo_lr=3e-5"]) == 0
+    reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
+    assert [Path(x).name for x in reused] == ["dpo-beta0.1", "preferred-ft", "reward"]

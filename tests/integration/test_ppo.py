@@ -149,7 +149,7 @@ def test_value_head_reads_the_state_that_predicts_each_token(tiny_tokenizer):
     from preftune.eval.sampling import Sample
     from preftune.models.load import load_causal_lm
     from preftune.models.logprobs import sequence_logps
-    from preftune.train.ppo import PolicyWithValue, build_batch
+    from preftune.rl.ppo_steps import PolicyWithValue, build_batch
 
     model = PolicyWithValue(load_causal_lm("tiny"))
     assert torch.equal(model.value_head.weight, torch.zeros(1, 64))  # zero-initialised

@@ -14,7 +14,7 @@ from preftune.config import TrainConfig, load_config
 from preftune.train.loop import DataOrder, lr_factor, resolved_warmup
 from preftune.train.rundir import read_metrics
 
-from conftest import PAIRS, write_jsonl
+from conftest import write_jsonl
 
 COMMON = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plot=false", "train.lr=1e-3",
           "train.optimizer=adamw"]
@@ -143,16 +143,64 @@ def test_crash_mid_save_leaves_previous_checkpoint_usable(tmp_path, pairs_file):
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_prefix_shared_training_matches_padded(tmp_path, pairs_file):
+def test_shared_and_packed_training_match_padded(tmp_path, pairs_file):
     from preftune.train.dpo import run_dpo
 
     rows = {}
-    for layout in ("padded", "prefix_shared"):
+    for layout in ("padded", "prefix_shared", "packed"):
         cfg = load_config(None, COMMON + [f"data.train={pairs_file}", f"data.eval={pairs_file}", "train.max_steps=3",
                                           "train.batch_size=4", f"train.layout={layout}", "train.eval_every=3",
                                           f"run.dir={tmp_path / layout}"])
         run_dpo(cfg)
         rows[layout] = read_metrics(tmp_path / layout / "metrics.jsonl")
-    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss"):
-        assert [r[key] for r in rows["padded"] if key in r] == pytest.approx(
-            [r[key] for r in rows["prefix_shared"] if key in r], rel=1e-4, abs=1e-5), key
+    for layout in ("prefix_shared", "packed"):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss"):
+            assert [r[key] for r in rows["padded"] if key in r] == pytest.approx(
+                [r[key] for r in rows[layout] if key in r], rel=1e-4, abs=1e-5), (layout, key)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, pairs_file, lora):
+    """Recomputing activations in the backward gives the same losses, gradients and weights (also under LoRA,
+    whose frozen embeddings give the checkpointed layers inputs that need no grad)."""
+    from preftune.train.dpo import run_dpo
+
+    for gc in (False, True):
+        run_dpo(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=3", "train.batch_size=4",
+                                            f"train.gradient_checkpointing={gc}", f"lora.enabled={lora}",
+                                            f"run.dir={tmp_path / str(gc)}"]))
+    plain, checkpointed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("False", "True"))
+    for key in ("loss", "grad_norm", "logps/rejected"):
+        assert [r[key] for r in plain] == pytest.approx([r[key] for r in checkpointed], rel=1e-5, abs=1e-6), key
+    assert plain[-1]["grad_norm"] > 0
+
+
+def test_gradient_checkpointing_is_switched_on(tiny_model):
+    from preftune.train.common import prepare_for_training
+
+    assert not tiny_model.is_activation_checkpointing
+    prepare_for_training(tiny_model, load_config(None, ["train.gradient_checkpointing=true"]))
+    assert tiny_model.is_activation_checkpointing and not tiny_model.config.use_cache
+
+
+def test_save_final_false_writes_metrics_only(tmp_path, pairs_file):
+    from preftune.train.dpo import run_dpo
+
+    run_dir = tmp_path / "run"
+    run_dpo(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=2", "train.batch_size=4",
+                                        "train.save_final=false", f"run.dir={run_dir}"]))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+    assert not (run_dir / "policy").exists() and not list(run_dir.glob("checkpoints/step-*"))
+
+
+def test_train_device(monkeypatch):
+    from preftune.config import ConfigError
+    from preftune.train.common import pick_device
+
+    assert pick_device(load_config(None, ["train.device=cpu"])) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(load_config(None, [])) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.device.*not available"):
+        pick_device(load_config(None, ["train.device=cuda"]))
+    with pytest.raises(ConfigError, match="train.device.*not a device"):
+        pick_device(load_config(None, ["train.device=gpu0"]))

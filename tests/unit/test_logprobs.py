@@ -113,3 +113,43 @@ def test_prefix_shared_mask_hides_chosen_from_rejected(tiny_tokenizer):
     assert mask[lp + lc:, :lp].all()  # but sees the whole prompt
     assert batch["position_ids"][0, lp + lc].item() == lp  # positions restart after the prompt
     assert not mask.triu(1).any()  # causal
+
+
+def test_packed_layout_equals_padded_layout(tiny_model, tiny_tokenizer):
+    """Several [prompt][chosen][rejected] triples per row (block-diagonal mask, positions restarting per triple)
+    give the same per-sequence log-probs as separate padded rows, in the original pair order."""
+    from preftune.data.collate import collate_pairs_packed
+    from preftune.models.logprobs import batch_logps, completion_counts
+
+    items = _pairs(tiny_tokenizer) * 2
+    pad = tiny_tokenizer.pad_token_id
+    padded = collate_pairs(items, pad)
+    longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items)
+    packed = collate_pairs_packed(items, pad, row_length=2 * longest)
+    assert packed["input_ids"].shape[0] < len(items) and packed["input_ids"].shape[1] <= 2 * longest
+    a, b = batch_logps(tiny_model, padded), batch_logps(tiny_model, packed)
+    assert torch.allclose(a.logps, b.logps, atol=1e-4), (a.logps, b.logps)
+    assert torch.equal(completion_counts(packed), a.n_tokens)
+    assert int(packed["n_positions"]) == int(padded["n_positions"])
+
+
+def test_packed_mask_is_block_diagonal(tiny_tokenizer):
+    from preftune.data.collate import collate_pairs_packed
+
+    a, b = _pairs(tiny_tokenizer)[:2]
+    batch = collate_pairs_packed([a, b], tiny_tokenizer.pad_token_id, row_length=10_000)
+    assert batch["input_ids"].shape[0] == 1
+    mask, pos = batch["attention_mask"][0, 0], batch["position_ids"][0]
+    la = len(a.prompt_ids) + len(a.chosen_ids) + len(a.rejected_ids)
+    assert not mask[la:, :la].any()  # the second triple never sees the first
+    assert pos[la].item() == 0  # and its positions restart
+    lp = len(b.prompt_ids)
+    assert torch.equal(mask[la:la + lp, la:la + lp], torch.ones(lp, lp, dtype=torch.bool).tril())  # causal prompt
+
+
+def test_pack_rows_first_fit_decreasing():
+    from preftune.data.collate import pack_rows
+
+    assert pack_rows([5, 3, 4, 2, 6], capacity=8) == [[0, 1], [2], [3, 4]]  # 6+2, 5+3, 4
+    assert pack_rows([9, 1], capacity=8) == [[0], [1]]  # too long for any row: a row of its own
+    assert sorted(i for row in pack_rows([3] * 7, capacity=7) for i in row) == list(range(7))

@@ -81,12 +81,11 @@ def matched_overrides(job: dict) -> list[str]:
 
 def run_preftune(job: dict) -> dict:
     from preftune.config import load_config
-    from preftune.train import dpo, loop
+    from preftune.train import dpo
 
-    loop.save_checkpoint = lambda *a, **k: None  # after the timed steps; TRL saves nothing either
-    dpo.save_policy = lambda *a, **k: None
+    # no final checkpoint or policy after the timed steps: TRL saves nothing either
     cfg = load_config(None, matched_overrides(job) + [f"run.dir={job['out_dir']}/run", "train.progress=false",
-                                                      "run.plot=false"])
+                                                      "run.plot=false", "train.save_final=false"])
     dpo.run_dpo(cfg)
     from preftune.data.tokenize import TokenizedPair
 

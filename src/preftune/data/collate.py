@@ -57,35 +57,74 @@ def split_pair_batch(batch: dict[str, torch.Tensor], index: int) -> dict[str, to
 def collate_pairs_prefix_shared(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """One row per pair: ``[prompt][chosen][rejected]``, so the prompt is computed once per pair.
 
-    A (B, 1, T, T) boolean mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected
+    A (R, 1, T, T) boolean mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected
     tokens see the prompt and earlier rejected tokens (never chosen); position ids restart at the end of the
     prompt for the rejected response, so each response sees exactly what it would see in its own sequence.
     The log-prob gather is explicit: the last prompt position predicts the first token of both responses.
     Padding positions attend only to themselves (an all-False row would give NaN in softmax).
-    Returns input_ids, attention_mask, position_ids (B, T); gather_rows, gather_src, gather_targets,
+    Returns input_ids, attention_mask, position_ids (R, T); gather_rows, gather_src, gather_targets,
     gather_segments (N,) with segment i < B for pair i's chosen and B + i for its rejected; n_pairs.
     """
-    n = len(pairs)
-    length = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n, length), dtype=torch.long)
-    segment = torch.full((n, length), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    return _prefix_shared_rows(pairs, [[i] for i in range(len(pairs))], pad_id)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bins of item indices whose lengths sum to at most ``capacity`` (an item longer than
+    ``capacity`` gets a row of its own); rows and the items in each keep their first-seen order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return sorted((sorted(r) for r in rows), key=lambda r: r[0])
+
+
+def collate_pairs_packed(pairs: list[TokenizedPair], pad_id: int, row_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Several ``[prompt][chosen][rejected]`` triples per row (the prefix-shared layout, packed): each triple sees
+    only itself (block-diagonal mask) and its positions restart at 0, so every log-prob equals the plain layout's.
+    Rows hold at most ``row_length`` tokens (default: the longest triple, so rows are no longer than in the
+    prefix-shared layout and packing only removes padding)."""
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    return _prefix_shared_rows(pairs, pack_rows(lengths, max([row_length or 0] + lengths)), pad_id)
+
+
+def _prefix_shared_rows(pairs: list[TokenizedPair], rows_of_pairs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    n, n_rows = len(pairs), len(rows_of_pairs)
+    length = max(sum(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in row)
+                 for row in rows_of_pairs)
+    input_ids = torch.full((n_rows, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, length), dtype=torch.long)
+    part = torch.full((n_rows, length), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    owner = torch.full((n_rows, length), -1, dtype=torch.long)  # the pair a position belongs to
     rows, src, targets, segments = [], [], [], []
-    for i, p in enumerate(pairs):
-        lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        input_ids[i, : lp + lc + lr] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
-        position_ids[i, : lp + lc] = torch.arange(lp + lc)
-        position_ids[i, lp + lc: lp + lc + lr] = torch.arange(lp, lp + lr)
-        position_ids[i, lp + lc + lr:] = torch.arange(lp + lr, lp + lr + length - (lp + lc + lr))
-        segment[i, :lp], segment[i, lp: lp + lc], segment[i, lp + lc: lp + lc + lr] = 0, 1, 2
-        # chosen[k] is predicted by position lp-1+k; rejected[0] by lp-1, rejected[k>0] by lp+lc-1+k
-        rows += [i] * (lc + lr)
-        src += [lp - 1 + k for k in range(lc)] + [lp - 1 if k == 0 else lp + lc - 1 + k for k in range(lr)]
-        targets += p.chosen_ids + p.rejected_ids
-        segments += [i] * lc + [n + i] * lr
-    q, k = segment[:, :, None], segment[:, None, :]
+    for r, row in enumerate(rows_of_pairs):
+        o = 0  # the triple's offset in the row
+        for i in row:
+            p = pairs[i]
+            lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+            input_ids[r, o: o + lp + lc + lr] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+            position_ids[r, o: o + lp + lc] = torch.arange(lp + lc)
+            position_ids[r, o + lp + lc: o + lp + lc + lr] = torch.arange(lp, lp + lr)
+            part[r, o: o + lp], part[r, o + lp: o + lp + lc], part[r, o + lp + lc: o + lp + lc + lr] = 0, 1, 2
+            owner[r, o: o + lp + lc + lr] = i
+            # chosen[k] is predicted by position lp-1+k; rejected[0] by lp-1, rejected[k>0] by lp+lc-1+k
+            rows += [r] * (lc + lr)
+            src += [o + lp - 1 + k for k in range(lc)] + [o + (lp - 1 if k == 0 else lp + lc - 1 + k) for k in range(lr)]
+            targets += p.chosen_ids + p.rejected_ids
+            segments += [i] * lc + [n + i] * lr
+            o += lp + lc + lr
+        used = o
+        position_ids[r, used:] = torch.arange(length - used)  # padding: any increasing positions
+    q, k = part[:, :, None], part[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    visible = (k == 0) | ((q == k) & (q > 0))
+    same_pair = owner[:, :, None] == owner[:, None, :]
+    visible = same_pair & ((k == 0) | ((q == k) & (q > 0)))
     mask = (visible & causal & (q >= 0)) | (torch.eye(length, dtype=torch.bool) & (q < 0))
     return _with_ref_logps({
         "input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
@@ -99,6 +138,8 @@ def collate_pairs_prefix_shared(pairs: list[TokenizedPair], pad_id: int) -> dict
 
 
 def pair_collator(layout: str):
-    """The collate function of a layout: ``padded`` (chosen and rejected as separate padded rows) or
-    ``prefix_shared`` (one row per pair, prompt computed once)."""
-    return {"padded": collate_pairs, "prefix_shared": collate_pairs_prefix_shared}[layout]
+    """The collate function of a layout: ``padded`` (chosen and rejected as separate padded rows),
+    ``prefix_shared`` (one row per pair, prompt computed once) or ``packed`` (prefix-shared triples packed
+    several to a row, no longer than the longest triple)."""
+    return {"padded": collate_pairs, "prefix_shared": collate_pairs_prefix_shared,
+            "packed": collate_pairs_packed}[layout]

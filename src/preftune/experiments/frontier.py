@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from preftune.experiments.evaluation import HeldOut, evaluate_policy, full_text,
 from preftune.experiments.sentiment import DemoSettings, build_pairs, demo_prompts
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
 from preftune.train.common import setup_threads
+from preftune.train.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class FrontierSettings(DemoSettings):
     sft_steps: int = 48
     reward_steps: int = 60
     ppo_batch_size: int = 16
+    ppo_minibatch_size: int | None = None  # None: half of ppo_batch_size
+    ppo_epochs: int = 4
+    ppo_lr: float = 1e-5
     ppo_iterations: int | None = None  # None: the same sample budget as DPO's pairs (prompts x samples / batch)
 
 
@@ -102,6 +107,24 @@ def _checkpoint_points(method: str, setting: str, run_dir: Path, held: HeldOut, 
     return points
 
 
+def _reused_or_run(run_dir: Path, key: dict, run):
+    """A run's result (its points), reused from ``RUN/result.json`` when it was written under the same ``key``, so
+    that an interrupted or re-tuned frontier in the same ``--out`` repeats only what changed; otherwise the run
+    starts from scratch in an emptied ``run_dir``."""
+    cache = run_dir / "result.json"
+    key = json.loads(json.dumps(key))  # as it reads back
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            log.info("reusing %s (finished under the same settings)", run_dir)
+            return saved["result"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result = run()
+    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
+    return result
+
+
 def _best_of_n(held: HeldOut, rm, ns: list[int]) -> list[dict]:
     """Best-of-N from the reference scored by the learned RM; disjoint groups of the n_max samples per prompt."""
     n_max = max(ns)
@@ -153,44 +176,67 @@ def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick:
 
     every = lambda steps: max(1, steps // f.eval_points)  # noqa: E731
     data = [f"data.train={root / 'pairs.jsonl'}"]
+    # what every run's result depends on; each run adds its own settings
+    common = {"model": cfg.model, "ref_model": cfg.ref_model, "data": vars(cfg.data), "train": vars(cfg.train),
+              "prompts": {k: getattr(f, k) for k in vars(DemoSettings())}, "eval_points": f.eval_points}
     for beta in _floats(f.dpo_betas):
         run_dir = root / "runs" / f"dpo-beta{beta}"
-        run_dpo(_sub_config(cfg, run_dir, data + [f"dpo.beta={beta}", f"train.max_steps={f.dpo_steps}",
-                                                  f"train.save_every={every(f.dpo_steps)}"]))
-        points += _checkpoint_points("DPO", f"beta={beta}", run_dir, held, cfg.model, cfg.train.seed)
+
+        def dpo(run_dir=run_dir, beta=beta):
+            run_dpo(_sub_config(cfg, run_dir, data + [f"dpo.beta={beta}", f"train.max_steps={f.dpo_steps}",
+                                                      f"train.save_every={every(f.dpo_steps)}"]))
+            return _checkpoint_points("DPO", f"beta={beta}", run_dir, held, cfg.model, cfg.train.seed)
+
+        points += _reused_or_run(run_dir, {**common, "beta": beta, "steps": f.dpo_steps}, dpo)
     if f.preferred_ft:
         run_dir = root / "runs" / "preferred-ft"
-        run_sft(_sub_config(cfg, run_dir, data + [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
-                                                  f"train.save_every={every(f.sft_steps)}"]))
-        points += _checkpoint_points("Preferred-FT", "-", run_dir, held, cfg.model, cfg.train.seed)
+
+        def sft(run_dir=run_dir):
+            run_sft(_sub_config(cfg, run_dir, data + [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
+                                                      f"train.save_every={every(f.sft_steps)}"]))
+            return _checkpoint_points("Preferred-FT", "-", run_dir, held, cfg.model, cfg.train.seed)
+
+        points += _reused_or_run(run_dir, {**common, "steps": f.sft_steps}, sft)
 
     rm_dir = root / "runs" / "reward"
     # the score is read at an EOS that ends every response (read at whatever word a sample ends on, the reward
     # model stayed at chance on these pairs); lr 5e-5 was the best of those tried on SmolLM2
-    rm_result = run_reward(_sub_config(cfg, rm_dir, data + ["data.eval_fraction=0.15", "train.optimizer=adamw",
-                                                            f"train.max_steps={f.reward_steps}", "train.lr=5e-5",
-                                                            "data.append_eos=true", "train.layout=padded"]))
+    rm_key = {**common, "steps": f.reward_steps}
+    rm_result = _reused_or_run(rm_dir, rm_key, lambda: run_reward(_sub_config(
+        cfg, rm_dir, data + ["data.eval_fraction=0.15", "train.optimizer=adamw", f"train.max_steps={f.reward_steps}",
+                             "train.lr=5e-5", "data.append_eos=true", "train.layout=padded"])))
     rm_path = f"rm:{rm_result['reward_model']}"
     iterations = f.ppo_iterations or max(1, math.ceil(sample_budget / f.ppo_batch_size))
     ppo_runs = [("PPO", f"kl_coef={c}", rm_path, c) for c in _floats(f.ppo_kl_coefs)]
     ppo_runs += [("PPO-GT", "kl_coef=0.05", "sentiment", 0.05)] if f.ppo_gt else []
+    ppo_key = {**common, "iterations": iterations, **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size",
+                                                                               "ppo_epochs", "ppo_lr")}}
     for method, setting, scorer, coef in ppo_runs:
-        ppo_cfg = PPORunConfig(model=cfg.model, trust_remote_code=cfg.trust_remote_code)
-        ppo_cfg.run.dir, ppo_cfg.run.plot = str(root / "runs" / f"{method.lower()}-{coef}"), False
-        ppo_cfg.train.seed, ppo_cfg.train.progress, ppo_cfg.train.num_threads = (cfg.train.seed, False,
-                                                                                 cfg.train.num_threads)
-        p = ppo_cfg.ppo
-        p.scorer, p.kl_coef, p.iterations, p.max_new_tokens = scorer, coef, iterations, f.max_new_tokens
-        p.batch_size, p.minibatch_size, p.eval_every = f.ppo_batch_size, max(1, f.ppo_batch_size // 2), every(iterations)
-        found: list[dict] = []
+        run_dir = root / "runs" / f"{method.lower()}-{coef}"
 
-        def hook(policy, step, _m=method, _s=setting, _found=found):
-            ev = evaluate_policy(policy, held)
-            _found.append(_point(_m, _s, step, ev))
-            return {"oracle_reward": ev["reward"], "kl_heldout": ev["kl"]}
+        def ppo(run_dir=run_dir, method=method, setting=setting, scorer=scorer, coef=coef):
+            ppo_cfg = PPORunConfig(model=cfg.model, trust_remote_code=cfg.trust_remote_code)
+            ppo_cfg.run.dir, ppo_cfg.run.plot = str(run_dir), False
+            ppo_cfg.train.seed, ppo_cfg.train.progress, ppo_cfg.train.num_threads = (cfg.train.seed, False,
+                                                                                     cfg.train.num_threads)
+            p = ppo_cfg.ppo
+            p.scorer, p.kl_coef, p.iterations, p.max_new_tokens = scorer, coef, iterations, f.max_new_tokens
+            p.batch_size, p.ppo_epochs, p.lr = f.ppo_batch_size, f.ppo_epochs, f.ppo_lr
+            p.minibatch_size = f.ppo_minibatch_size or max(1, f.ppo_batch_size // 2)
+            p.eval_every = every(iterations)
+            found: list[dict] = []
 
-        run_ppo(ppo_cfg, eval_hook=hook, prompts=train_prompts)
-        points += found
+            def hook(policy, step):
+                ev = evaluate_policy(policy, held)
+                found.append(_point(method, setting, step, ev))
+                log.info("%s %s iteration %d: reward %.3f kl %.2f", method, setting, step, ev["reward"], ev["kl"])
+                return {"oracle_reward": ev["reward"], "kl_heldout": ev["kl"]}
+
+            run_ppo(ppo_cfg, eval_hook=hook, prompts=train_prompts)
+            return found
+
+        key = {**ppo_key, "kl_coef": coef, "scorer": "sentiment" if scorer == "sentiment" else rm_key}
+        points += _reused_or_run(run_dir, key, ppo)
 
     rm = get_scorer(rm_path)
     points += _best_of_n(held, rm, [int(n) for n in f.best_of_n.split(",")])

@@ -23,7 +23,10 @@ def register(sub) -> None:
                     "frontier.json and frontier.png.",
         epilog="Keys: frontier.* (FrontierSettings in preftune/experiments/frontier.py: dpo_betas, ppo_kl_coefs, "
                "ppo_gt, preferred_ft, best_of_n, eval_points, dpo_steps, sft_steps, reward_steps, ppo_batch_size, "
-               "ppo_iterations, and the demo's prompt/sampling keys), plus model, data.*, train.*.",
+               "ppo_minibatch_size, ppo_epochs, ppo_lr, ppo_iterations, and the demo's prompt/sampling keys), plus model, "
+               "data.*, train.*.\nRe-running with the same --out reuses every run that finished under the same "
+               "settings (RUN/result.json): an interrupted frontier, or one re-tuned for one method, repeats only "
+               "what changed.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value")
     p.add_argument("--quick", action="store_true", help="one setting per method, few points (< 10 min here)")

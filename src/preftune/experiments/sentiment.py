@@ -185,7 +185,7 @@ def _autocast(cfg: Config):
     from preftune.models.logprobs import autocast_context
     from preftune.train.common import pick_device, resolve_precision
 
-    device = pick_device()
+    device = pick_device(cfg)
     return autocast_context(device, resolve_precision(cfg, device))
 
 

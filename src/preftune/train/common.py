@@ -15,8 +15,41 @@ from preftune.config import Config
 log = logging.getLogger(__name__)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def pick_device(cfg: Config | None = None) -> torch.device:
+    """``train.device``: ``auto`` takes a CUDA GPU when there is one, else the CPU; an explicit device that this
+    machine lacks is a config error, not a silent fall-back."""
+    from preftune.config import ConfigError
+
+    name = cfg.train.device if cfg is not None else "auto"
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'train.device': {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise ConfigError(f"config key 'train.device': {name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+    if not available[device.type] or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"config key 'train.device': {name!r} is not available on this machine")
+    return device
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """``train.gradient_checkpointing``: recompute each decoder layer's activations in the backward
+    (non-reentrant, so LoRA and frozen embeddings need no input-grad hooks)."""
+    if cfg.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "base_model"):
+            from preftune.config import ConfigError
+
+            raise ConfigError(f"config key 'train.gradient_checkpointing': {type(model).__name__} does not support it")
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:

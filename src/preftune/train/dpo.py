@@ -19,7 +19,8 @@ from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logp
 from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
-from preftune.train.common import load_splits, pick_device, resolve_precision, save_policy, setup_threads
+from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
+                                   setup_threads)
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
@@ -177,7 +178,7 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
-    policy = policy.to(device)
+    policy = prepare_for_training(policy.to(device), cfg)
     if cfg.train.compile:
         policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
@@ -198,7 +199,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "dpo")
-    device = pick_device()
+    device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     layout = resolve_layout(cfg, train_items)
     log.info("DPO on %s: %d train / %d eval pairs, device=%s precision=%s layout=%s loss=%s (change with "
@@ -220,7 +221,8 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
         weight_fn=lambda b: float(b["n_pairs"]), cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn,
         resume=resume, device=device, precision=precision,
     )
-    save_policy(cfg, policy, tokenizer, run_dir)
+    if cfg.train.save_final:
+        save_policy(cfg, policy, tokenizer, run_dir)
     if cfg.run.plot:
         from preftune.eval.plots import plot_training
 

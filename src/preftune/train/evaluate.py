@@ -45,7 +45,7 @@ def run_eval(cfg: Config, *, out: str | None = None) -> dict:
     d = cfg.data
     items = [tokenize_pair(tokenizer, p, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
                            prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for p in pairs]
-    device = pick_device()
+    device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     reference = None
     if mode == "precomputed":

@@ -189,8 +189,9 @@ def fit(
             faults.maybe_fault("after_step")
         if eval_fn is not None:
             last_eval = _run_eval(eval_fn, metrics, step, model)
-        save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state={"data": order.state()}, keep=cfg.keep_checkpoints)
+        if cfg.save_final:
+            save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            trainer_state={"data": order.state()}, keep=cfg.keep_checkpoints)
     finally:
         progress.close()
         metrics.close()

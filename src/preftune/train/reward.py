@@ -23,7 +23,7 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.models.load import load_tokenizer
 from preftune.models.logprobs import autocast_context
 from preftune.models.reward_model import HEAD_INITS, RewardModel, build_reward_model, reward_statistics
-from preftune.train.common import pick_device, resolve_precision, setup_threads
+from preftune.train.common import pick_device, prepare_for_training, resolve_precision, setup_threads
 from preftune.train.dpo import load_tokenized_pairs
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir
@@ -127,7 +127,7 @@ def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "reward")
-    device = pick_device()
+    device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,
              len(train_items), len(eval_items), device, precision)
@@ -137,6 +137,7 @@ def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     model.info.update(base_model=cfg.model, append_eos=d.append_eos,
                       max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens)
     model = model.to(device)
+    prepare_for_training(model.backbone, cfg)
     pad_id = tokenizer.pad_token_id
     eval_fn = None
     if eval_items:

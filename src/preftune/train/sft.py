@@ -20,7 +20,8 @@ from preftune.data.tokenize import TokenizedExample, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.logprobs import sequence_logps
 from preftune.models.lora import apply_lora
-from preftune.train.common import load_splits, pick_device, resolve_precision, save_policy, setup_threads
+from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
+                                   setup_threads)
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
@@ -65,14 +66,14 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer)
     run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "sft")
-    device = pick_device()
+    device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),
              len(eval_items), device, precision)
     model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    model = model.to(device)
+    model = prepare_for_training(model.to(device), cfg)
     pad_id = tokenizer.pad_token_id
     eval_fn = None
     if eval_items:
@@ -80,7 +81,8 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
                  step_fn=functools.partial(sft_step, model), weight_fn=_weight, cfg=cfg.train, run_dir=run_dir,
                  eval_fn=eval_fn, resume=resume, device=device, precision=precision)
-    save_policy(cfg, model, tokenizer, run_dir)
+    if cfg.train.save_final:
+        save_policy(cfg, model, tokenizer, run_dir)
     if cfg.run.plot:
         from preftune.eval.plots import plot_training
 

@@ -1,0 +1,151 @@
+"""PPO's model and per-iteration pieces: the policy with its value head, the rollout (sample, score, old
+log-probs, reference log-probs, values), advantages, and the clipped minibatch update. The loop that drives them
+is ``preftune.train.ppo`` (its module docstring describes the recipe); the pure maths is ``ppo_math``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from preftune.models.logprobs import IGNORE_INDEX, autocast_context, token_logps
+from preftune.rl.ppo_math import (clipped_policy_loss, clipped_value_loss, gae, kl_shaped_rewards, to_grid,
+                                  token_entropy, whiten)
+
+if TYPE_CHECKING:
+    from preftune.train.ppo import PPOSettings
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM plus a fp32 value head on its decoder's last hidden states (see the module docstring).
+    One module so that checkpoints and the optimizer hold both."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.get_output_embeddings().in_features, 1, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) padded prompt + completion rows -> ``(logprobs (B, T), values (B, T), hidden (N, H))`` over the
+        T = ``n_cols`` completion positions (``hidden``: the N completion tokens' predicting states). One
+        forward: the log-probs come from ``token_logps`` and a hook on the decoder keeps its hidden states."""
+        captured: list[torch.Tensor] = []
+        handle = self.policy.get_decoder().register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        try:
+            tok, rows = token_logps(self.policy, input_ids, attention_mask, labels)
+        finally:
+            handle.remove()
+        assert len(captured) == 1, "the decoder's hidden states were not seen once during the forward"
+        rows_, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = captured[0][rows_, cols]  # (N, H): state t predicts token t + 1
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            values = self.value_head(hidden.float()).squeeze(-1)  # (N,) fp32
+        shape = (input_ids.shape[0], n_cols)
+        return to_grid(tok, rows, shape), to_grid(values, rows, shape), hidden
+
+
+def build_batch(samples: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (B, L) of prompt + completion, labels only on the
+    completion; ``mask`` (B, T) over completion positions (T = the longest completion)."""
+    length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    n_cols = max(len(s.completion_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    attention, mask = torch.zeros_like(ids), torch.zeros((len(samples), n_cols))
+    for i, s in enumerate(samples):
+        seq, p = s.prompt_ids + s.completion_ids, len(s.prompt_ids)
+        ids[i, :len(seq)], attention[i, :len(seq)] = torch.tensor(seq), 1
+        labels[i, p:len(seq)] = torch.tensor(s.completion_ids)
+        mask[i, :len(s.completion_ids)] = 1.0
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels, "mask": mask}
+
+
+@dataclass
+class Rollout:
+    batch: dict[str, torch.Tensor]  # build_batch's tensors, on the device
+    scores: torch.Tensor  # (B,)
+    logprobs: torch.Tensor  # (B, T) policy, at sampling time
+    ref_logprobs: torch.Tensor  # (B, T)
+    values: torch.Tensor  # (B, T)
+    entropy: torch.Tensor  # scalar: mean over completion tokens
+    texts: list[str]
+    advantages: torch.Tensor | None = None  # (B, T), whitened
+    returns: torch.Tensor | None = None  # (B, T)
+
+
+@torch.no_grad()
+def rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, scorer, prompts: list[str], s: PPOSettings,
+            seed: int, device: torch.device, precision: str) -> Rollout:
+    """Sample, score, and compute old log-probs, reference log-probs, values and entropy (no gradients)."""
+    from preftune.eval.sampling import generate
+    from preftune.eval.scorers import review_text
+
+    with autocast_context(device, precision):
+        samples = generate(model.policy, tokenizer, prompts, temperature=s.temperature,
+                           max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch_size, seed=seed,
+                           device=device)
+    texts = [review_text(x.prompt, x.completion) for x in samples]
+    scores = torch.tensor([float(v) for v in scorer(texts)], dtype=torch.float32, device=device)
+    batch = {k: v.to(device) for k, v in build_batch(samples, tokenizer.pad_token_id).items()}
+    n_cols, head = batch["mask"].shape[1], model.policy.get_output_embeddings()
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref": [], "entropy": []}
+    for start in range(0, len(samples), s.generation_batch_size):
+        rows = slice(start, start + s.generation_batch_size)
+        ids, attention, labels = batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows]
+        with autocast_context(device, precision):
+            logprobs, values, hidden = model(ids, attention, labels, n_cols)
+            ref_tok, ref_rows = token_logps(reference, ids, attention, labels)
+        with torch.autocast(device_type=device.type, enabled=False):  # entropy in fp32, 256 tokens at a time
+            parts["entropy"] += [token_entropy(nn.functional.linear(h.float(), head.weight.float(), head.bias))
+                                 for h in hidden.split(256)]
+        parts["logprobs"].append(logprobs)
+        parts["values"].append(values)
+        parts["ref"].append(to_grid(ref_tok, ref_rows, (ids.shape[0], n_cols)))
+    return Rollout(batch=batch, scores=scores, logprobs=torch.cat(parts["logprobs"]), values=torch.cat(parts["values"]),
+                   ref_logprobs=torch.cat(parts["ref"]), entropy=torch.cat(parts["entropy"]).mean(), texts=texts)
+
+
+def compute_advantages(r: Rollout, kl_coef: float, s: PPOSettings) -> torch.Tensor:
+    """Fill ``r.advantages`` (whitened) and ``r.returns``; returns the per-token rewards (B, T)."""
+    mask = r.batch["mask"]
+    rewards = kl_shaped_rewards(r.scores, r.logprobs, r.ref_logprobs, mask, kl_coef)
+    if s.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    advantages, r.returns = gae(rewards, r.values, mask, s.gamma, s.lam)
+    r.advantages = whiten(advantages, mask)
+    return rewards
+
+
+def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOSettings, max_grad_norm: float,
+               generator: torch.Generator, device: torch.device, precision: str) -> dict[str, torch.Tensor]:
+    """``ppo_epochs`` passes of shuffled minibatch steps over the rollout. Returns per-step means as tensors."""
+    b, mask = r.batch, r.batch["mask"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for _ in range(s.ppo_epochs):
+        for idx in torch.randperm(mask.shape[0], generator=generator).split(s.minibatch_size):
+            idx = idx.to(device)
+            with autocast_context(device, precision):
+                logprobs, values, _ = model(b["input_ids"][idx], b["attention_mask"][idx], b["labels"][idx],
+                                            mask.shape[1])
+            policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
+                logprobs, r.logprobs[idx], r.advantages[idx], mask[idx], s.clip_range)
+            value_loss, value_clip_fraction = clipped_value_loss(
+                values, r.values[idx], r.returns[idx], mask[idx], s.clip_range_value)
+            optimizer.zero_grad(set_to_none=True)
+            (policy_loss + s.vf_coef * value_loss).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            step_stats = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction,
+                          "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl, "grad_norm": grad_norm}
+            for name, value in step_stats.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            steps += 1
+    return {name: total / steps for name, total in sums.items()}
