@@ -1,0 +1,86 @@
+"""Where one preftune DPO step spends its time: the cpu-short batch shape (4 pairs, 20-token prompts, 50-token
+responses) on SmolLM2-135M, bf16 autocast, a live frozen reference, RMSprop; phases timed over several steps and
+the top operators of one step from torch.profiler.
+
+    python bench/profile_step.py [--layout padded|prefix_shared|packed] [--threads 2] [--steps 4] [--ops 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layout", default="padded", choices=("padded", "prefix_shared", "packed"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=20)
+    ap.add_argument("--response", type=int, default=50)
+    ap.add_argument("--ops", type=int, default=25, help="profiler rows to print (0: no profile)")
+    ap.add_argument("--shapes", action="store_true", help="profiler rows per input shape")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from preftune.config import TrainConfig
+    from preftune.data.collate import pair_collator
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.losses import get_loss
+    from preftune.models.load import load_causal_lm, load_reference
+    from preftune.models.logprobs import autocast_context
+    from preftune.models.reference import FrozenReference
+    from preftune.train.dpo import dpo_forward
+    from preftune.train.loop import build_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(100, 40000, (n,), generator=gen).tolist()  # noqa: E731
+    pairs = [TokenizedPair(ids(args.prompt), ids(args.response), ids(args.response - 7 * i), "bench")
+             for i in range(args.pairs)]
+    batch = pair_collator(args.layout)(pairs, pad_id=0)
+    policy = load_causal_lm("smollm2-135m", seed=0).train()
+    reference = FrozenReference(load_reference("smollm2-135m", seed=0))
+    loss_fn = get_loss("sigmoid", beta=0.1)
+    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], TrainConfig(lr=1e-6))
+    device = torch.device("cpu")
+    phases: dict[str, list[float]] = {"forward (ref + policy + loss)": [], "backward": [], "optimizer": []}
+
+    def step(record: bool) -> None:
+        t0 = time.perf_counter()
+        with autocast_context(device, args.precision):
+            out = dpo_forward(policy, reference, loss_fn, batch, 0.0)
+        t1 = time.perf_counter()
+        out.losses.mean().backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if record:
+            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name].append(dt)
+
+    step(False)
+    for _ in range(args.steps):
+        step(True)
+    total = sum(sum(v) for v in phases.values()) / args.steps
+    print(f"layout={args.layout} threads={args.threads} precision={args.precision} "
+          f"rows={tuple(batch['input_ids'].shape)}")
+    for name, values in phases.items():
+        print(f"  {name:32s} {sum(values) / len(values):6.3f} s")
+    print(f"  {'step':32s} {total:6.3f} s   {args.pairs / total:.2f} pairs/s")
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+            step(False)
+        print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total",
+                                                                        row_limit=args.ops))
+
+
+if __name__ == "__main__":
+    main()
