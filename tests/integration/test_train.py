@@ -204,3 +204,21 @@ def test_train_device(monkeypatch):
         pick_device(load_config(None, ["train.device=cuda"]))
     with pytest.raises(ConfigError, match="train.device.*not a device"):
         pick_device(load_config(None, ["train.device=gpu0"]))
+
+
+def test_tied_embedding_gets_a_sparse_backward_and_the_same_dense_gradient(tiny_model, tiny_tokenizer):
+    from preftune.models.load import load_causal_lm
+    from preftune.models.logprobs import sequence_logps
+    from preftune.train.common import prepare_for_training
+
+    assert tiny_model.get_input_embeddings().weight is tiny_model.get_output_embeddings().weight  # tied
+    plain = load_causal_lm("tiny", seed=0)
+    prepare_for_training(tiny_model, load_config(None, []))
+    assert tiny_model.get_input_embeddings().sparse and not plain.get_input_embeddings().sparse
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    labels = ids.clone()
+    labels[:, :3] = -100
+    for model in (plain, tiny_model):
+        sequence_logps(model, ids, torch.ones_like(ids), labels).logps.sum().backward()
+    a, b = plain.get_input_embeddings().weight.grad, tiny_model.get_input_embeddings().weight.grad
+    assert not b.is_sparse and torch.allclose(a, b, atol=1e-6)
