@@ -106,9 +106,17 @@ def _fit_prompt(ids: list[int], limit: int, tokenizer, overflow: str, source: st
 
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer itself starts sequences with BOS (Llama does; SmolLM2, whose "BOS" is ChatML's
-    <|im_start|>, does not: keeping that token in front of a cut prompt would open a turn with no role)."""
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
+    <|im_start|>, does not: keeping that token in front of a cut prompt would open a turn with no role).
+    Probed once per tokenizer object (remembered on it)."""
+    cached = getattr(tokenizer, "_preftune_adds_bos", None)
+    if cached is None:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        cached = bool(ids) and ids[0] == tokenizer.bos_token_id
+        try:
+            tokenizer._preftune_adds_bos = cached
+        except AttributeError:  # a tokenizer that refuses new attributes is simply probed every time
+            pass
+    return cached
 
 
 def _check_budget(max_length: int, max_prompt_tokens: int) -> None:

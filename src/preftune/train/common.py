@@ -140,30 +140,33 @@ def save_policy(cfg: Config, policy: torch.nn.Module, tokenizer, run_dir: Path) 
         save_model(policy.merge_and_unload(), tokenizer, run_dir / "policy-merged")
 
 
-def load_splits(cfg: Config, read, tokenize, tokenizer) -> tuple[list, list]:
-    """Read, validate and tokenise ``data.train`` and ``data.eval`` with ``read(path) -> (records, SkipReport)``
-    and ``tokenize(tokenizer, record, **limits)``; log skipped records and truncation; hold out
-    ``data.eval_fraction`` of train when no eval file is given."""
+def load_file(cfg: Config, path: str, read, tokenize, tokenizer) -> tuple[list, object]:
+    """Read, validate and tokenise one data file with ``read(path) -> (records, SkipReport)`` and
+    ``tokenize(tokenizer, record, **limits)`` under ``cfg.data``'s limits; log skipped records and truncation.
+    Returns (tokenised items, SkipReport)."""
     from preftune.data.tokenize import TruncationStats
+
+    d = cfg.data
+    records, report = read(path)
+    if report.skipped:
+        log.warning("%s: %s", path, report.summary())
+    stats = TruncationStats()
+    items = [tokenize(tokenizer, r, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
+                      prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for r in records]
+    if stats.prompts_truncated or stats.responses_truncated:
+        log.warning("%s: %s", path, stats.summary())
+    return items, report
+
+
+def load_splits(cfg: Config, read, tokenize, tokenizer) -> tuple[list, list]:
+    """``data.train`` and ``data.eval`` through :func:`load_file`; hold out ``data.eval_fraction`` of train when no
+    eval file is given."""
     from preftune.errors import InputError
 
     d = cfg.data
     if not d.train:
         raise InputError("no training data: set data.train=PATH")
-    out = []
-    for path in (d.train, d.eval):
-        if not path:
-            out.append([])
-            continue
-        records, report = read(path)
-        if report.skipped:
-            log.warning("%s: %s", path, report.summary())
-        stats = TruncationStats()
-        out.append([tokenize(tokenizer, r, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
-                             prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats)
-                    for r in records])
-        if stats.prompts_truncated or stats.responses_truncated:
-            log.warning("%s: %s", path, stats.summary())
+    out = [load_file(cfg, path, read, tokenize, tokenizer)[0] if path else [] for path in (d.train, d.eval)]
     train, evals = out
     if not evals and d.eval_fraction > 0:
         train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)

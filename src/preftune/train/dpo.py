@@ -43,12 +43,16 @@ def loss_from_config(cfg: Config) -> PreferenceLoss:
     return get_loss(cfg.dpo.loss, **params)
 
 
+def pair_reader(cfg: Config):
+    """``read(path) -> (pairs, SkipReport)`` under ``cfg.data``'s validation settings."""
+    d = cfg.data
+    return functools.partial(read_preference_pairs, on_invalid=d.on_invalid, limit=d.limit,
+                             max_pairs_per_prompt=d.max_pairs_per_prompt)
+
+
 def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """Read, validate and tokenise the train and eval pairs; report skipped rows and truncation."""
-    d = cfg.data
-    read = functools.partial(read_preference_pairs, on_invalid=d.on_invalid, limit=d.limit,
-                             max_pairs_per_prompt=d.max_pairs_per_prompt)
-    return load_splits(cfg, read, tokenize_pair, tokenizer)
+    return load_splits(cfg, pair_reader(cfg), tokenize_pair, tokenizer)
 
 
 def policy_logps(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:

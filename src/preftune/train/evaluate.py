@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 from preftune.config import Config
-from preftune.data.records import read_preference_pairs
-from preftune.data.tokenize import TruncationStats, tokenize_pair
+from preftune.data.tokenize import tokenize_pair
 from preftune.errors import InputError
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.lora import base_of, is_adapter_dir
 from preftune.models.reference import FrozenReference, PrecomputedReference
-from preftune.train.common import pick_device, resolve_precision, setup_threads
-from preftune.train.dpo import (evaluate_pairs, loss_from_config, precompute_reference, reference_loader,
+from preftune.train.common import load_file, pick_device, resolve_precision, setup_threads
+from preftune.train.dpo import (evaluate_pairs, loss_from_config, pair_reader, precompute_reference, reference_loader,
                                 resolve_reference_mode)
 
 
@@ -39,12 +38,7 @@ def run_eval(cfg: Config, *, out: str | None = None) -> dict:
     mode = resolve_reference_mode(cfg, loss_fn)
     ref_spec = _reference_spec(cfg, mode)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    pairs, report = read_preference_pairs(path, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit,
-                                                  max_pairs_per_prompt=cfg.data.max_pairs_per_prompt)
-    stats = TruncationStats()
-    d = cfg.data
-    items = [tokenize_pair(tokenizer, p, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
-                           prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for p in pairs]
+    items, report = load_file(cfg, path, pair_reader(cfg), tokenize_pair, tokenizer)
     device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     reference = None
