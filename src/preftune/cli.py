@@ -30,6 +30,9 @@ config keys (defaults in parentheses; see preftune/config.py):
   train.schedule (constant|cosine|linear) train.max_grad_norm (10) train.seed (0)
   train.log_every (1) train.eval_every (0 = end) train.save_every (0 = end) train.keep_checkpoints (2)
   train.eval_batch_size (16) train.precision (auto|fp32|bf16) train.num_threads train.progress (true)
+  train.layout (auto|padded|prefix_shared|packed)  auto shares the prompt when prompts are as long as responses
+  train.gradient_checkpointing (false) train.compile (false) train.device (auto|cpu|cuda|cuda:N|mps)
+  train.save_final (true: final checkpoint + policy/)
   dpo.loss (sigmoid) dpo.beta (0.1) dpo.label_smoothing (0: plain DPO; >0: conservative DPO)
   reference.mode (model)      a frozen copy of ref_model
   run.dir (runs/<cmd>-<time>) run.plot (true)
