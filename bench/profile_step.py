@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=25, help="profiler rows to print (0: no profile)")
     ap.add_argument("--shapes", action="store_true", help="profiler rows per input shape")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--sdpa", default="default", choices=("default", "math", "flash"),
+                    help="restrict torch's scaled-dot-product attention to one backend")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -49,12 +51,20 @@ def main() -> None:
     device = torch.device("cpu")
     phases: dict[str, list[float]] = {"forward (ref + policy + loss)": [], "backward": [], "optimizer": []}
 
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"default": contextlib.nullcontext, "math": lambda: sdpa_kernel(SDPBackend.MATH),
+               "flash": lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)}[args.sdpa]
+
     def step(record: bool) -> None:
         t0 = time.perf_counter()
-        with autocast_context(device, args.precision):
+        with autocast_context(device, args.precision), backend():
             out = dpo_forward(policy, reference, loss_fn, batch, 0.0)
         t1 = time.perf_counter()
-        out.losses.mean().backward()
+        with backend():
+            out.losses.mean().backward()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
         optimizer.step()
@@ -68,7 +78,7 @@ def main() -> None:
     for _ in range(args.steps):
         step(True)
     total = sum(sum(v) for v in phases.values()) / args.steps
-    print(f"layout={args.layout} threads={args.threads} precision={args.precision} "
+    print(f"layout={args.layout} threads={args.threads} precision={args.precision} sdpa={args.sdpa} "
           f"rows={tuple(batch['input_ids'].shape)}")
     for name, values in phases.items():
         print(f"  {name:32s} {sum(values) / len(values):6.3f} s")
