@@ -24,6 +24,11 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=25, help="profiler rows to print (0: no profile)")
     ap.add_argument("--shapes", action="store_true", help="profiler rows per input shape")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--data", help="real pairs instead of synthetic ones: the first --pairs of this file "
+                                    "(any format preftune reads), tokenised with --max-length / --max-prompt")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--row-length", type=int, help="packed layout: tokens per row (default: the longest triple)")
     ap.add_argument("--sdpa", default="default", choices=("default", "math", "flash"),
                     help="restrict torch's scaled-dot-product attention to one backend")
     args = ap.parse_args()
@@ -39,11 +44,22 @@ def main() -> None:
     from preftune.train.dpo import dpo_forward
     from preftune.train.loop import build_optimizer
 
-    gen = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(100, 40000, (n,), generator=gen).tolist()  # noqa: E731
-    pairs = [TokenizedPair(ids(args.prompt), ids(args.response), ids(args.response - 7 * i), "bench")
-             for i in range(args.pairs)]
-    batch = pair_collator(args.layout)(pairs, pad_id=0)
+    if args.data:
+        from preftune.data.records import read_preference_pairs
+        from preftune.data.tokenize import tokenize_pair
+        from preftune.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer("smollm2-135m")
+        records, _ = read_preference_pairs(args.data, limit=args.pairs)
+        pairs = [tokenize_pair(tokenizer, r, max_length=args.max_length, max_prompt_tokens=args.max_prompt)
+                 for r in records]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        ids = lambda n: torch.randint(100, 40000, (n,), generator=gen).tolist()  # noqa: E731
+        pairs = [TokenizedPair(ids(args.prompt), ids(args.response), ids(args.response - 7 * i), "bench")
+                 for i in range(args.pairs)]
+    collate = pair_collator(args.layout)
+    batch = collate(pairs, pad_id=0, row_length=args.row_length) if args.row_length else collate(pairs, pad_id=0)
     policy = load_causal_lm("smollm2-135m", seed=0).train()
     reference = FrozenReference(load_reference("smollm2-135m", seed=0))
     loss_fn = get_loss("sigmoid", beta=0.1)
@@ -78,8 +94,9 @@ def main() -> None:
     for _ in range(args.steps):
         step(True)
     total = sum(sum(v) for v in phases.values()) / args.steps
+    tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     print(f"layout={args.layout} threads={args.threads} precision={args.precision} sdpa={args.sdpa} "
-          f"rows={tuple(batch['input_ids'].shape)}")
+          f"rows={tuple(batch['input_ids'].shape)} ({tokens} prompt+chosen+rejected tokens)")
     for name, values in phases.items():
         print(f"  {name:32s} {sum(values) / len(values):6.3f} s")
     print(f"  {'step':32s} {total:6.3f} s   {args.pairs / total:.2f} pairs/s")

@@ -235,3 +235,19 @@ def test_cli_rejects_an_unknown_loss_with_status_2(monkeypatch, capsys):
     status = main(["dpo", "model=tiny", "dpo.loss=nope"])
     assert status == 2
     assert "'nope'" in capsys.readouterr().err
+
+
+def test_auto_layout_shares_the_prompt_when_it_saves_a_tenth_of_the_positions():
+    from preftune.config import load_config
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.train.dpo import resolve_layout
+
+    def items(prompt, response):
+        return [TokenizedPair([1] * prompt, [2] * response, [3] * response, "x")] * 3
+
+    auto = load_config(None, [])
+    assert resolve_layout(auto, items(20, 50)) == "prefix_shared"  # 120 vs 140 positions per pair
+    assert resolve_layout(auto, items(400, 40)) == "prefix_shared"
+    assert resolve_layout(auto, items(5, 50)) == "padded"  # 105 vs 110: under the 10% threshold
+    assert resolve_layout(auto, []) == "padded"
+    assert resolve_layout(load_config(None, ["train.layout=packed"]), items(5, 50)) == "packed"

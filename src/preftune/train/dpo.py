@@ -128,13 +128,17 @@ def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_i
 
 
 def resolve_layout(cfg: Config, items: list[TokenizedPair]) -> str:
-    """``auto``: share the prompt (one row per pair) when prompts are at least as long as the responses on
-    average, i.e. when recomputing the prompt for the rejected response would cost as much as the response."""
+    """``auto``: share the prompt (``prefix_shared``, one row per pair) when that removes at least 10% of the
+    positions the padded layout computes (two rows of prompt + the longer response per pair), else ``padded``.
+    Measured on this 2-core CPU (bench/profile_step.py): 20-token prompts with 50-token responses (14% fewer
+    positions) ran 1.12x faster shared; HH pairs 1.63x; with a few-token prompt the saving is under the cost of
+    the dense (T, T) mask. ``packed`` is never picked automatically: with a dense mask its longer rows cost
+    attention time that outweighs the padding they save on a CPU (HH: 1.08 vs 1.19 pairs/s)."""
     if cfg.train.layout != "auto":
         return cfg.train.layout
-    prompt = sum(len(p.prompt_ids) for p in items)
-    response = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in items) / 2
-    return "prefix_shared" if items and prompt >= response else "padded"
+    shared = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items)
+    padded = sum(2 * (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))) for p in items)
+    return "prefix_shared" if items and shared <= 0.9 * padded else "padded"
 
 
 def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
