@@ -187,6 +187,10 @@ def test_shipped_config_parses(path):
         from preftune.train.ppo import load_ppo_config
 
         load_ppo_config(path)
+    elif "frontier" in raw:
+        from preftune.experiments.frontier import FrontierConfig
+
+        load_config(path, [], base=FrontierConfig())
     else:
         load_config(path)
 
