@@ -37,7 +37,7 @@ def test_gate_fails_loudly_on_a_disagreement():
 def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--workloads", "tiny-cpu", "--warmup-steps", "1", "--steps", "2", "--precision", "fp32",
-                 "--skip-gate", "--out", str(out)])
+                 "--skip-gate", "--out", str(out), "--preftune", "train.gradient_checkpointing=true"])
     assert code == 0
     doc = json.loads(out.read_text())
     rows = doc["rows"]
@@ -50,6 +50,7 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert r["peak_mem_gb"] > 0.1 and r["precision"] == "fp32" and r["step_cpu_s"] > 0
         assert r["tokens_match_preftune"]  # TRL tokenised the records exactly as preftune did
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] == rows[2]["tokens_per_step"]
+    assert rows[0]["settings"]["gradient_checkpointing"] is True  # --preftune reached the preftune child only
     assert rows[1]["settings"]["effective"]["gradient_checkpointing"] == "True"  # TRL's default
     assert rows[2]["settings"]["effective"]["gradient_checkpointing"] == "False"  # trl-best
     by_system = {s["system"]: s for s in doc["summary"]}
@@ -61,3 +62,8 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
         for metric in ("pairs_per_s", "tokens_per_s", "peak_mem_gb", "step_s"):
             assert r[metric] == pytest.approx(by_system["preftune"][metric] / by_system[baseline][metric])
     assert "preftune / TRL" in capsys.readouterr().out
+
+
+def test_bench_rejects_a_bad_preftune_override(capsys):
+    assert main(["bench", "--workloads", "tiny-cpu", "--skip-gate", "--preftune", "train.layuot=packed"]) == 2
+    assert "train.layuot" in capsys.readouterr().err

@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                    help="same for all (default rmsprop)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="same for all; auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--preftune", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config for the preftune system only, repeatable (e.g. train.layout=packed, "
+                        "train.gradient_checkpointing=true, train.compile=true); recorded in the JSON")
     p.add_argument("--wait-quiet", type=float, metavar="FRACTION",
                    help="shared machines: before each child, wait (up to 15 min) until other processes keep less "
                         "than FRACTION of the CPUs busy (e.g. 0.2)")
@@ -68,7 +71,14 @@ def cmd_bench(args) -> int:
 
     cuda = torch.cuda.is_available()
     workloads = args.workloads.split(",") if args.workloads else default_workloads(args.quick, cuda)
-    settings = Settings(optimizer=args.optimizer, precision=args.precision)
+    from preftune.config import ConfigError, load_config
+
+    try:
+        load_config(None, args.preftune)  # a typo'd key fails here, not in a child after the model preparation
+    except ConfigError as exc:
+        print(f"error: --preftune: {exc}", file=sys.stderr)
+        return 2
+    settings = Settings(optimizer=args.optimizer, precision=args.precision, preftune_overrides=args.preftune)
     try:
         doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
                             repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,

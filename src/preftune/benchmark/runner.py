@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.benchmark.systems import SYSTEMS
@@ -34,6 +34,7 @@ class Settings:
     max_grad_norm: float = 10.0
     precision: str = "auto"  # auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (preftune's rule)
     seed: int = 0
+    preftune_overrides: list[str] = field(default_factory=list)  # extra config for the preftune system only
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -84,14 +84,16 @@ def run_preftune(job: dict) -> dict:
     from preftune.train import dpo
 
     # no final checkpoint or policy after the timed steps: TRL saves nothing either
+    extra = list(job.get("preftune_overrides") or [])  # --preftune KEY=VALUE: e.g. train.gradient_checkpointing=true
     cfg = load_config(None, matched_overrides(job) + [f"run.dir={job['out_dir']}/run", "train.progress=false",
-                                                      "run.plot=false", "train.save_final=false"])
+                                                      "run.plot=false", "train.save_final=false"] + extra)
     dpo.run_dpo(cfg)
     from preftune.data.tokenize import TokenizedPair
 
     items = [TokenizedPair(p, c, r, "bench") for p, c, r in job["preftune_ids"]]
-    return {"settings": {"overrides": matched_overrides(job), "log_every": cfg.train.log_every,
-                         "layout": dpo.resolve_layout(cfg, items), "compile": cfg.train.compile}}
+    return {"settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
+                         "layout": dpo.resolve_layout(cfg, items), "compile": cfg.train.compile,
+                         "gradient_checkpointing": cfg.train.gradient_checkpointing}}
 
 
 def trl_args(job: dict, system: str) -> dict:
