@@ -31,6 +31,8 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
     assert result["budget"]["dpo_settings"] == result["budget"]["ppo_settings"] == 1
     assert (out / "frontier.png").stat().st_size > 10_000
     assert "best-of-N" in capsys.readouterr().out
+    # evaluated checkpoints are dropped (a SmolLM2 frontier kept ~30 GB of them); final policies stay
+    assert not list(out.glob("runs/*/checkpoints")) and (out / "runs" / "dpo-beta0.1" / "policy").is_dir()
 
     # the same --out again: every finished run is reused (same settings), and the points are the same
     first = points

@@ -121,6 +121,9 @@ def _reused_or_run(run_dir: Path, key: dict, run):
     if run_dir.exists():
         shutil.rmtree(run_dir)
     result = run()
+    # evaluated: the checkpoints (weights + optimizer state, ~1 GB each on SmolLM2, several per run) would fill
+    # a disk over a whole frontier; each run's final policy/ stays for inspection
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
     return result
 
