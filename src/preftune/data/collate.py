@@ -68,6 +68,11 @@ def collate_pairs_prefix_shared(pairs: list[TokenizedPair], pad_id: int) -> dict
     return _prefix_shared_rows(pairs, [[i] for i in range(len(pairs))], pad_id)
 
 
+def triple_length(pair: TokenizedPair) -> int:
+    """Positions of the pair's ``[prompt][chosen][rejected]`` row in the prefix-shared layouts."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing bins of item indices whose lengths sum to at most ``capacity`` (an item longer than
     ``capacity`` gets a row of its own); rows and the items in each keep their first-seen order."""
@@ -90,14 +95,13 @@ def collate_pairs_packed(pairs: list[TokenizedPair], pad_id: int, row_length: in
     only itself (block-diagonal mask) and its positions restart at 0, so every log-prob equals the plain layout's.
     Rows hold at most ``row_length`` tokens (default: the longest triple, so rows are no longer than in the
     prefix-shared layout and packing only removes padding)."""
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    lengths = [triple_length(p) for p in pairs]
     return _prefix_shared_rows(pairs, pack_rows(lengths, max([row_length or 0] + lengths)), pad_id)
 
 
 def _prefix_shared_rows(pairs: list[TokenizedPair], rows_of_pairs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     n, n_rows = len(pairs), len(rows_of_pairs)
-    length = max(sum(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in row)
-                 for row in rows_of_pairs)
+    length = max(sum(triple_length(pairs[i]) for i in row) for row in rows_of_pairs)
     input_ids = torch.full((n_rows, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, length), dtype=torch.long)
     part = torch.full((n_rows, length), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config, ConfigError
-from preftune.data.collate import collate_pairs, pair_collator
+from preftune.data.collate import collate_pairs, pair_collator, triple_length
 from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pair
 from preftune.losses import PreferenceLoss, get_loss, loss_params
@@ -136,7 +136,7 @@ def resolve_layout(cfg: Config, items: list[TokenizedPair]) -> str:
     attention time that outweighs the padding they save on a CPU (HH: 1.08 vs 1.19 pairs/s)."""
     if cfg.train.layout != "auto":
         return cfg.train.layout
-    shared = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in items)
+    shared = sum(triple_length(p) for p in items)
     padded = sum(2 * (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))) for p in items)
     return "prefix_shared" if items and shared <= 0.9 * padded else "padded"
 
