@@ -42,7 +42,7 @@ def main() -> None:
     from preftune.models.logprobs import autocast_context
     from preftune.models.reference import FrozenReference
     from preftune.train.dpo import dpo_forward
-    from preftune.train.loop import build_optimizer
+    from preftune.train.optim import build_optimizer
 
     if args.data:
         from preftune.data.records import read_preference_pairs
@@ -61,7 +61,7 @@ def main() -> None:
     collate = pair_collator(args.layout)
     batch = collate(pairs, pad_id=0, row_length=args.row_length) if args.row_length else collate(pairs, pad_id=0)
     policy = load_causal_lm("smollm2-135m", seed=0).train()
-    reference = FrozenReference(load_reference("smollm2-135m", seed=0))
+    reference = FrozenReference(load_reference("smollm2-135m", seed=0), args.precision)
     loss_fn = get_loss("sigmoid", beta=0.1)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], TrainConfig(lr=1e-6))
     device = torch.device("cpu")
@@ -99,7 +99,10 @@ def main() -> None:
           f"rows={tuple(batch['input_ids'].shape)} ({tokens} prompt+chosen+rejected tokens)")
     for name, values in phases.items():
         print(f"  {name:32s} {sum(values) / len(values):6.3f} s")
-    print(f"  {'step':32s} {total:6.3f} s   {args.pairs / total:.2f} pairs/s")
+    steps = sorted(sum(values[i] for values in phases.values()) for i in range(args.steps))
+    print(f"  {'step':32s} {total:6.3f} s   {args.pairs / total:.2f} pairs/s   (median {steps[len(steps) // 2]:.3f} s, "
+          f"steps {[round(x, 2) for x in steps]}, "
+          f"fastest {steps[0]:.3f} s)")
     if args.ops:
         from torch.profiler import ProfilerActivity, profile
 

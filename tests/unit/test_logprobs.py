@@ -153,3 +153,93 @@ def test_pack_rows_first_fit_decreasing():
     assert pack_rows([5, 3, 4, 2, 6], capacity=8) == [[0, 1], [2], [3, 4]]  # 6+2, 5+3, 4
     assert pack_rows([9, 1], capacity=8) == [[0], [1]]  # too long for any row: a row of its own
     assert sorted(i for row in pack_rows([3] * 7, capacity=7) for i in row) == list(range(7))
+
+
+def _head_case(bias: bool):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.randn(23)  # an arbitrary upstream gradient per token
+    return head, hidden, targets, weights
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1024, 5])
+def test_fused_head_forward_and_fp32_backward_equal_autograd(bias, chunk):
+    """The custom head (fp32 forward, softmax kept for the backward) gives autograd's log-probs and, outside
+    bf16 autocast, autograd's gradients for hidden states, weight and bias, with any chunking."""
+    head, hidden, targets, weights = _head_case(bias)
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+
+    def grads(fn):
+        for t in params:
+            t.grad = None
+        out = fn()
+        (out * weights).sum().backward()
+        return out.detach(), [t.grad.clone() for t in params]
+
+    plain = lambda: torch.nn.functional.linear(hidden, head.weight, head.bias).log_softmax(-1).gather(  # noqa: E731
+        -1, targets[:, None]).squeeze(-1)
+    out_ref, g_ref = grads(plain)
+    out, g = grads(lambda: lp._head_logps(head, hidden, targets, chunk))
+    assert torch.allclose(out, out_ref, atol=2e-6)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+def test_fused_head_backward_is_bf16_under_bf16_autocast_and_forward_stays_fp32():
+    """Under bf16 autocast the log-probs are still fp32-exact, and the gradients carry bf16 rounding only
+    (relative error ~1e-3, far above fp32's 1e-7 and far below a wrong gradient's)."""
+    head, hidden, targets, weights = _head_case(False)
+    out32 = lp._head_logps(head, hidden, targets, 1024)
+    (out32 * weights).sum().backward()
+    g32 = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = lp._head_logps(head, hidden, targets, 1024)
+    assert out16.dtype == torch.float32 and torch.equal(out16, out32)
+    (out16 * weights).sum().backward()
+    for a, b in zip((hidden.grad, head.weight.grad), g32):
+        rel = ((a - b).norm() / b.norm()).item()
+        assert 1e-5 < rel < 1e-2, rel
+
+
+def test_fused_head_without_grad_saves_nothing():
+    head, hidden, targets, _ = _head_case(False)
+    with torch.no_grad():
+        out = lp._head_logps(head, hidden, targets, 7)
+    assert out.grad_fn is None and out.shape == (23,)
+    assert lp._head_logps(head, hidden[:0], targets[:0], 7).shape == (0,)
+
+
+def test_bf16_stored_reference_gives_the_same_logps_under_autocast(tiny_model, tiny_tokenizer):
+    """A reference kept for bf16 autocast stores its decoder's linear weights in bf16: bit-identical log-probs
+    to the fp32-stored copy under autocast (autocast casts those weights to bf16 anyway); the LM head, tied to
+    the embedding, stays fp32; and a call without autocast fails loudly instead of silently changing."""
+    import copy
+
+    from preftune.models.logprobs import batch_logps
+    from preftune.models.reference import FrozenReference
+
+    batch = collate_pairs(_pairs(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    fp32 = FrozenReference(copy.deepcopy(tiny_model))
+    bf16 = FrozenReference(copy.deepcopy(tiny_model), precision="bf16")
+    linear = [m for m in bf16.model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert bf16.model.get_output_embeddings().weight.dtype == torch.float32
+    assert bf16.model.get_input_embeddings().weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fp32.logps(batch).logps, bf16.logps(batch).logps
+    assert torch.equal(a, b), (a, b)
+    assert not torch.equal(a, batch_logps(tiny_model, batch).logps)  # autocast does change them vs fp32
+    with pytest.raises(RuntimeError):
+        bf16.logps(batch)
+
+
+def test_fused_head_refuses_a_second_backward():
+    head, hidden, targets, weights = _head_case(False)
+    out = (lp._head_logps(head, hidden, targets, 1024) * weights).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        out.backward()

@@ -48,19 +48,84 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _head_logps(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """(N,) log p(target) for (N, H) hidden states, chunked, in fp32 with autocast off."""
-    weight = head.weight.float()
-    bias = head.bias.float() if head.bias is not None else None
-    out = []
-    autocast_off = torch.autocast(device_type=hidden.device.type, enabled=False)
-    with autocast_off:
+def _head_grad_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the LM head's backward matmuls: bf16 under bf16 autocast (the body's backward is bf16
+    there too), fp32 otherwise. The forward, i.e. every log-prob, is fp32 either way."""
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+                 probs_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 log p(t) for one chunk of hidden states, and (when ``probs_dtype`` is given) the softmax
+    probabilities in that dtype for the backward."""
+    logits = nn.functional.linear(h.float(), weight, bias)
+    lse = torch.logsumexp(logits, -1)
+    out = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+    if probs_dtype is None:
+        return out, None
+    return out, logits.sub_(lse.unsqueeze(-1)).exp_().to(probs_dtype)
+
+
+class _HeadLogps(torch.autograd.Function):
+    """log p(target) through the LM head, chunked over tokens. The forward is fp32; the backward uses the
+    saved softmax (``grad_dtype``) and two matmuls in ``grad_dtype``: d logits = g * (onehot - p),
+    d hidden = d logits @ W, d W = d logits^T @ hidden. Nothing full-vocabulary is kept but p."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_dtype):
+        outs, probs = [], []
         for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start:start + chunk_tokens].float()
-            logits = nn.functional.linear(h, weight, bias)
-            t = targets[start:start + chunk_tokens]
-            out.append(logits.log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            out, p = _chunk_logps(hidden[start:start + chunk_tokens], weight, bias,
+                                  targets[start:start + chunk_tokens], grad_dtype)
+            outs.append(out)
+            probs.append(p)
+        ctx.chunk_tokens, ctx.grad_dtype, ctx.has_bias = chunk_tokens, grad_dtype, bias is not None
+        ctx.save_for_backward(hidden, weight, targets, *probs)
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("the fused LM head's saved softmax is consumed by its backward: backward through "
+                               "it twice (retain_graph=True) is not supported")
+        ctx.used = True
+        hidden, weight, targets, *probs = ctx.saved_tensors
+        dtype, step = ctx.grad_dtype, ctx.chunk_tokens
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype) if need_h else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = grad_b = None
+        for i, start in enumerate(range(0, hidden.shape[0], step)):
+            g = grad_out[start:start + step].to(dtype).unsqueeze(-1)
+            # d logits = g * (onehot - p), in place over the saved p (one chunk-sized buffer, no new one)
+            d_logits = probs[i].mul_(-g).scatter_add_(-1, targets[start:start + step].unsqueeze(-1), g)
+            if need_h:
+                grad_h[start:start + step] = d_logits @ w
+            if need_w:
+                chunk_w = (d_logits.t() @ hidden[start:start + step].to(dtype)).float()
+                grad_w = chunk_w if grad_w is None else grad_w.add_(chunk_w)
+            if need_b:
+                chunk_b = d_logits.float().sum(0)
+                grad_b = chunk_b if grad_b is None else grad_b.add_(chunk_b)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _head_logps(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """(N,) fp32 log p(target) for (N, H) hidden states, chunked: fp32 forward with autocast off; the backward
+    follows ``_head_grad_dtype``."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    grad_dtype = _head_grad_dtype(hidden.device)
+    bias = head.bias.float() if head.bias is not None else None
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _HeadLogps.apply(hidden, head.weight.float(), bias, targets, chunk_tokens, grad_dtype)
+        return torch.cat([_chunk_logps(hidden[s:s + chunk_tokens], head.weight.float(), bias,
+                                       targets[s:s + chunk_tokens], None)[0]
+                          for s in range(0, hidden.shape[0], chunk_tokens)])
 
 
 def gathered_logps(

@@ -190,7 +190,7 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     if cfg.train.compile:
         policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
-        "model": lambda: FrozenReference(load_ref().to(device)),
+        "model": lambda: FrozenReference(load_ref().to(device), precision),
         "adapter": lambda: AdapterReference(policy),
         "precomputed": PrecomputedReference,
         "none": lambda: None,

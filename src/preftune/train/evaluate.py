@@ -46,7 +46,7 @@ def run_eval(cfg: Config, *, out: str | None = None) -> dict:
         items = precompute_reference(cfg, ref_spec, {"eval": items}, tokenizer, device, precision)["eval"]
         reference = PrecomputedReference()
     elif mode in ("model", "adapter"):
-        reference = FrozenReference(reference_loader(cfg, ref_spec)().to(device))
+        reference = FrozenReference(reference_loader(cfg, ref_spec)().to(device), precision)
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
     metrics = evaluate_pairs(policy, reference, loss_fn, items, tokenizer.pad_token_id, cfg.train.eval_batch_size,
                              device, cfg.dpo.sft_weight, precision)

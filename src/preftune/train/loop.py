@@ -24,6 +24,7 @@ from preftune import faults
 from preftune.config import TrainConfig
 from preftune.models.logprobs import autocast_context
 from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.optim import build_optimizer
 from preftune.train.rundir import MetricsWriter
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (sum, count)
@@ -88,15 +89,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return max(0.0, 1 - progress)
     return 1.0
-
-
-def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """RMSprop or AdamW; on CUDA the fused / multi-tensor kernels (on this project's CPU the per-tensor loop
-    measured faster than foreach for RMSprop, so CPU keeps torch's defaults)."""
-    cuda = bool(params) and params[0].is_cuda
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True if cuda else None)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cuda else None)
 
 
 def _reduce(stats: Stats) -> dict[str, float]:

@@ -158,7 +158,8 @@ def run_ppo(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | No
     from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
     from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from preftune.train.common import pick_device, resolve_precision, save_policy, setup_threads
-    from preftune.train.loop import DataOrder, build_optimizer
+    from preftune.train.loop import DataOrder
+    from preftune.train.optim import build_optimizer
     from preftune.train.rundir import MetricsWriter, make_run_dir, read_metrics
 
     check_config(cfg)

@@ -1,0 +1,59 @@
+"""The CPU optimizers: ChunkedRMSprop is torch's RMSprop, update for update and state for state."""
+
+import pytest
+import torch
+
+from preftune.config import TrainConfig
+from preftune.train import optim
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(37, 29), (1000,), (3, 5, 7), (1,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _run(opt_cls, params, steps=4, **kw):
+    opt = opt_cls(params, lr=1e-2, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_chunked_rmsprop_is_bit_identical_to_torch(monkeypatch, weight_decay):
+    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 64)  # several chunks per tensor, and a ragged last one
+    optim._BUFFERS.clear()
+    a, b = _params(), _params()
+    ta = _run(torch.optim.RMSprop, a, weight_decay=weight_decay)
+    tb = _run(optim.ChunkedRMSprop, b, weight_decay=weight_decay)
+    optim._BUFFERS.clear()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for x, y in zip(a, b):
+        assert torch.equal(ta.state[x]["square_avg"], tb.state[y]["square_avg"])
+        assert ta.state[x]["step"].item() == tb.state[y]["step"].item() == 4
+    # the state_dicts are interchangeable (checkpoints written before this class resume with it)
+    assert ta.state_dict()["param_groups"] == tb.state_dict()["param_groups"]
+    fresh = optim.ChunkedRMSprop(_params(), lr=1e-2)
+    fresh.load_state_dict(ta.state_dict())
+    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["square_avg"], ta.state[a[0]]["square_avg"])
+
+
+def test_chunked_rmsprop_falls_back_to_torch_for_momentum_and_centered():
+    a, b = _params(), _params()
+    _run(torch.optim.RMSprop, a, momentum=0.9, centered=True)
+    _run(optim.ChunkedRMSprop, b, momentum=0.9, centered=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_build_optimizer_picks_the_cpu_implementations():
+    params = _params()
+    rms = optim.build_optimizer(params, TrainConfig(optimizer="rmsprop", lr=1e-3))
+    adamw = optim.build_optimizer(params, TrainConfig(optimizer="adamw", lr=1e-3))
+    assert type(rms) is optim.ChunkedRMSprop
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True
