@@ -45,3 +45,9 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
     assert main(args + ["frontier.ppo_lr=3e-5"]) == 0
     reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
     assert [Path(x).name for x in reused] == ["dpo-beta0.1", "preferred-ft", "reward"]
+    # a changed train.lr re-runs DPO and Preferred-FT (which read it) but not the reward model (it sets its own
+    # lr) nor PPO (its lr is frontier.ppo_lr)
+    caplog.clear()
+    assert main(args + ["frontier.ppo_lr=3e-5", "train.lr=2e-3"]) == 0
+    reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
+    assert [Path(x).name for x in reused] == ["ppo-0.05", "ppo-gt-0.05", "reward"]

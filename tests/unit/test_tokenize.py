@@ -402,3 +402,18 @@ def test_budget_guard_rejects_prompt_limit_at_or_over_max_length(tok):
     # Catches: a negative response budget silently keeping part of a response past max_length.
     with pytest.raises(ValueError, match="must be below max_length"):
         tokenize_pair(tok, pair("The movie was", " a.", " b."), max_length=8, max_prompt_tokens=8)
+
+
+def test_tokenizer_dir_override_for_tiny(tmp_path, monkeypatch, tiny_tokenizer):
+    """PREFTUNE_TOKENIZER_DIR (bench/gpu/: a machine without the embedded model's package) gives `tiny` the same
+    tokenizer from its saved files."""
+    from preftune.models.load import load_tokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("PREFTUNE_TOKENIZER_DIR", str(tmp_path))
+    other = load_tokenizer("tiny")
+    text = "A review: the movie was great!"
+    assert other(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+    assert (other.pad_token_id, other.eos_token_id, len(other)) == (tiny_tokenizer.pad_token_id,
+                                                                     tiny_tokenizer.eos_token_id, len(tiny_tokenizer))
+    assert other.name_or_path == str(tmp_path)

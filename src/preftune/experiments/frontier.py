@@ -107,6 +107,12 @@ def _checkpoint_points(method: str, setting: str, run_dir: Path, held: HeldOut, 
     return points
 
 
+def _train_without(cfg, overrides: list[str]) -> dict:
+    """The train section minus the keys a sub-run's overrides replace."""
+    replaced = {o.split("=", 1)[0].removeprefix("train.") for o in overrides if o.startswith("train.")}
+    return {k: v for k, v in vars(cfg.train).items() if k not in replaced}
+
+
 def _reused_or_run(run_dir: Path, key: dict, run):
     """A run's result (its points), reused from ``RUN/result.json`` when it was written under the same ``key``, so
     that an interrupted or re-tuned frontier in the same ``--out`` repeats only what changed; otherwise the run
@@ -204,15 +210,17 @@ def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick:
     rm_dir = root / "runs" / "reward"
     # the score is read at an EOS that ends every response (read at whatever word a sample ends on, the reward
     # model stayed at chance on these pairs); lr 5e-5 was the best of those tried on SmolLM2
-    rm_key = {**common, "steps": f.reward_steps}
-    rm_result = _reused_or_run(rm_dir, rm_key, lambda: run_reward(_sub_config(
-        cfg, rm_dir, data + ["data.eval_fraction=0.15", "train.optimizer=adamw", f"train.max_steps={f.reward_steps}",
-                             "train.lr=5e-5", "data.append_eos=true", "train.layout=padded"])))
+    rm_overrides = data + ["data.eval_fraction=0.15", "train.optimizer=adamw", f"train.max_steps={f.reward_steps}",
+                           "train.lr=5e-5", "data.append_eos=true", "train.layout=padded"]
+    # keyed on what the reward run reads: its own overrides replace those train.* keys (train.lr, ...)
+    rm_key = {**common, "train": _train_without(cfg, rm_overrides), "steps": f.reward_steps}
+    rm_result = _reused_or_run(rm_dir, rm_key, lambda: run_reward(_sub_config(cfg, rm_dir, rm_overrides)))
     rm_path = f"rm:{rm_result['reward_model']}"
     iterations = f.ppo_iterations or max(1, math.ceil(sample_budget / f.ppo_batch_size))
     ppo_runs = [("PPO", f"kl_coef={c}", rm_path, c) for c in _floats(f.ppo_kl_coefs)]
     ppo_runs += [("PPO-GT", "kl_coef=0.05", "sentiment", 0.05)] if f.ppo_gt else []
-    ppo_key = {**common, "iterations": iterations, **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size",
+    # PPO reads only the seed and thread count of the train section (its own settings are frontier.ppo_*)
+    ppo_key = {**{k: v for k, v in common.items() if k != "train"}, "seed": cfg.train.seed, "iterations": iterations, **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size",
                                                                                "ppo_epochs", "ppo_lr")}}
     for method, setting, scorer, coef in ppo_runs:
         run_dir = root / "runs" / f"{method.lower()}-{coef}"

