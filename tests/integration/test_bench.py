@@ -67,3 +67,16 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
 def test_bench_rejects_a_bad_preftune_override(capsys):
     assert main(["bench", "--workloads", "tiny-cpu", "--skip-gate", "--preftune", "train.layuot=packed"]) == 2
     assert "train.layuot" in capsys.readouterr().err
+
+
+def test_bench_precomputed_reference_mode_reaches_both_systems(tmp_path):
+    """--reference precomputed: preftune runs reference.mode=precomputed and TRL precompute_ref_log_probs=True
+    (the one-off pass comes before the first, untimed step for both)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--workloads", "tiny-cpu", "--systems", "preftune,trl-best", "--warmup-steps", "1",
+                 "--steps", "1", "--precision", "fp32", "--skip-gate", "--reference", "precomputed",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["error"] for r in rows] == [None, None]
+    assert "reference.mode=precomputed" in rows[0]["settings"]["overrides"]
+    assert rows[1]["settings"]["effective"]["precompute_ref_log_probs"] == "True"

@@ -14,7 +14,7 @@ warm-up and print pairs/s, policy tokens/s (non-padding tokens of the chosen + r
 model both must give the same per-sequence log-probs and DPO loss (to 1e-4), or the benchmark stops.
 
 systems: preftune | trl-default (TRL's defaults apart from the matched settings) | trl-best (gradient
-checkpointing off, no logging, no progress bar; precompute_ref_log_probs off).
+checkpointing off, no logging, no progress bar). --reference precomputed: both precompute the reference log-probs.
 Needs TRL: pip install 'preftune[bench]'."""
 
 
@@ -37,6 +37,10 @@ def register(subparsers) -> None:
                    help="same for all (default rmsprop)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="same for all; auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--reference", choices=("model", "precomputed"), default="model",
+                   help="same for all: a live frozen reference (default), or reference log-probs precomputed in "
+                        "one pass before the timed steps (preftune reference.mode=precomputed, TRL "
+                        "precompute_ref_log_probs=True)")
     p.add_argument("--preftune", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config for the preftune system only, repeatable (e.g. train.layout=packed, "
                         "train.gradient_checkpointing=true, train.compile=true); recorded in the JSON")
@@ -78,7 +82,8 @@ def cmd_bench(args) -> int:
     except ConfigError as exc:
         print(f"error: --preftune: {exc}", file=sys.stderr)
         return 2
-    settings = Settings(optimizer=args.optimizer, precision=args.precision, preftune_overrides=args.preftune)
+    settings = Settings(optimizer=args.optimizer, precision=args.precision, reference=args.reference,
+                        preftune_overrides=args.preftune)
     try:
         doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
                             repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,

@@ -34,6 +34,9 @@ class Settings:
     max_grad_norm: float = 10.0
     precision: str = "auto"  # auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (preftune's rule)
     seed: int = 0
+    # model: a live frozen reference in every step; precomputed: reference log-probs computed in one pass before
+    # training by both (preftune reference.mode=precomputed, TRL precompute_ref_log_probs=True), outside the timing
+    reference: str = "model"
     preftune_overrides: list[str] = field(default_factory=list)  # extra config for the preftune system only
 
 

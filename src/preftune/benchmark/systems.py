@@ -32,11 +32,10 @@ SYSTEMS = ("preftune", "trl-default", "trl-best")
 # TRL settings beyond the matched ones. Chosen for speed on one CPU or GPU:
 # - gradient checkpointing off (TRL turns it on by default: it recomputes the forward in the backward);
 # - no logging, no progress bar (TRL's per-step metric bookkeeping in _compute_loss cannot be switched off);
-# - precompute_ref_log_probs stays off: it would move the reference forward out of the timed steps into a one-off
-#   pass, which is another workload (compare it with preftune's reference.mode=precomputed, not with this one).
+# - precompute_ref_log_probs is not a "best" setting but a workload: it follows the benchmark's --reference for
+#   every system (off by default: a live reference forward in every timed step).
 # bf16 autocast is part of the matched precision (TRL's own default is bf16=True).
-TRL_BEST = {"gradient_checkpointing": False, "logging_strategy": "no", "disable_tqdm": True,
-            "precompute_ref_log_probs": False}
+TRL_BEST = {"gradient_checkpointing": False, "logging_strategy": "no", "disable_tqdm": True}
 
 
 class StepClock:
@@ -76,7 +75,8 @@ def matched_overrides(job: dict) -> list[str]:
             f"train.max_steps={job['warmup_steps'] + job['timed_steps']}", f"train.lr={job['lr']}",
             f"train.optimizer={job['optimizer']}", f"train.max_grad_norm={job['max_grad_norm']}",
             "train.warmup_steps=0", "train.schedule=constant", f"train.precision={job['precision']}",
-            f"train.seed={job['seed']}", f"dpo.beta={job['beta']}", "dpo.loss=sigmoid", "reference.mode=model"]
+            f"train.seed={job['seed']}", f"dpo.beta={job['beta']}", "dpo.loss=sigmoid",
+            f"reference.mode={job.get('reference', 'model')}"]
 
 
 def run_preftune(job: dict) -> dict:
@@ -109,6 +109,7 @@ def trl_args(job: dict, system: str) -> dict:
         "bf16": job["precision"] == "bf16", "fp16": False, "max_length": job["max_length"], "seed": job["seed"],
         "model_init_kwargs": {"dtype": "float32"},  # fp32 weights + autocast, as preftune
         "save_strategy": "no", "report_to": "none",
+        "precompute_ref_log_probs": job.get("reference", "model") == "precomputed",
         "use_cpu": job["device"] == "cpu",  # transformers refuses bf16 on a machine without a GPU unless told
     }
     return {**matched, **(TRL_BEST if system == "trl-best" else {})}
