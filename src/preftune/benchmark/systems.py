@@ -102,9 +102,9 @@ def trl_args(job: dict, system: str) -> dict:
         "per_device_train_batch_size": job["n_pairs"], "gradient_accumulation_steps": 1,
         "max_steps": job["warmup_steps"] + job["timed_steps"], "learning_rate": job["lr"],
         "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-        # torch's RMSprop / AdamW as preftune builds them (fused AdamW on CUDA, torch's default loop on CPU)
-        "optim": {"rmsprop": "rmsprop", "adamw": "adamw_torch_fused" if job["device"] == "cuda" else "adamw_torch"}[
-            job["optimizer"]],
+        # torch's RMSprop class / torch's fused AdamW kernel, as preftune builds them (preftune's CPU RMSprop is
+        # the same class with a chunked update, bit-identical)
+        "optim": {"rmsprop": "rmsprop", "adamw": "adamw_torch_fused"}[job["optimizer"]],
         "max_grad_norm": job["max_grad_norm"], "beta": job["beta"], "loss_type": ["sigmoid"],
         "bf16": job["precision"] == "bf16", "fp16": False, "max_length": job["max_length"], "seed": job["seed"],
         "model_init_kwargs": {"dtype": "float32"},  # fp32 weights + autocast, as preftune

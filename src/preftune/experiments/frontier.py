@@ -220,7 +220,8 @@ def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick:
     ppo_runs = [("PPO", f"kl_coef={c}", rm_path, c) for c in _floats(f.ppo_kl_coefs)]
     ppo_runs += [("PPO-GT", "kl_coef=0.05", "sentiment", 0.05)] if f.ppo_gt else []
     # PPO reads only the seed and thread count of the train section (its own settings are frontier.ppo_*)
-    ppo_key = {**{k: v for k, v in common.items() if k != "train"}, "seed": cfg.train.seed, "iterations": iterations, **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size",
+    ppo_key = {**{k: v for k, v in common.items() if k != "train"}, "seed": cfg.train.seed,
+               "num_threads": cfg.train.num_threads, "iterations": iterations, **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size",
                                                                                "ppo_epochs", "ppo_lr")}}
     for method, setting, scorer, coef in ppo_runs:
         run_dir = root / "runs" / f"{method.lower()}-{coef}"

@@ -32,7 +32,8 @@ class ChunkedRMSprop(torch.optim.RMSprop):
                                         or not p.is_contiguous() or not p.grad.is_contiguous()
                                         or p.dtype != p.grad.dtype)
                 for group in self.param_groups for p in group["params"]):
-            return super().step(closure)
+            # torch's own step, unwrapped: the class's step is already wrapped with the optimizer hooks
+            return getattr(torch.optim.RMSprop.step, "__wrapped__", torch.optim.RMSprop.step)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -43,25 +44,23 @@ class ChunkedRMSprop(torch.optim.RMSprop):
             lr, alpha, eps, wd = float(group["lr"]), group["alpha"], group["eps"], group["weight_decay"]
             for param, grad, square_avg, step in zip(params, grads, square_avgs, steps):
                 step += 1
-                _rmsprop_update(param.view(-1), grad.view(-1), square_avg.view(-1), lr=lr, alpha=alpha, eps=eps,
-                                weight_decay=wd)
+                _rmsprop_update(param.view(-1), grad.view(-1), square_avg.view(-1), self._buffers(param.dtype),
+                                lr=lr, alpha=alpha, eps=eps, weight_decay=wd)
         return loss
 
-
-_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _buffers(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (dtype,)
-    if key not in _BUFFERS:
-        _BUFFERS[key] = (torch.empty(CHUNK_ELEMENTS, dtype=dtype), torch.empty(CHUNK_ELEMENTS, dtype=dtype))
-    return _BUFFERS[key]
+    def _buffers(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two chunk-sized scratch buffers per dtype, owned by this optimizer (not in its state dict)."""
+        buffers = self.__dict__.setdefault("_scratch", {})
+        if dtype not in buffers:
+            buffers[dtype] = (torch.empty(CHUNK_ELEMENTS, dtype=dtype), torch.empty(CHUNK_ELEMENTS, dtype=dtype))
+        return buffers[dtype]
 
 
-def _rmsprop_update(param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, *, lr: float,
-                    alpha: float, eps: float, weight_decay: float) -> None:
+def _rmsprop_update(param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor,
+                    buffers: tuple[torch.Tensor, torch.Tensor], *, lr: float, alpha: float, eps: float,
+                    weight_decay: float) -> None:
     """The body of torch's ``_single_tensor_rmsprop`` (plain case) on flat views, chunk by chunk."""
-    avg_buf, grad_buf = _buffers(param.dtype)
+    avg_buf, grad_buf = buffers
     n = param.numel()
     for start in range(0, n, CHUNK_ELEMENTS):
         end = min(n, start + CHUNK_ELEMENTS)
