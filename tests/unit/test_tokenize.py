@@ -417,3 +417,26 @@ def test_tokenizer_dir_override_for_tiny(tmp_path, monkeypatch, tiny_tokenizer):
     assert (other.pad_token_id, other.eos_token_id, len(other)) == (tiny_tokenizer.pad_token_id,
                                                                      tiny_tokenizer.eos_token_id, len(tiny_tokenizer))
     assert other.name_or_path == str(tmp_path)
+
+
+def test_gguf_conversions_are_keyed_on_content_and_pruned(tmp_path, monkeypatch):
+    """The same GGUF in two virtual environments maps to one cached conversion (content-keyed); a finished
+    conversion removes earlier ones of the same file name, and nothing else."""
+    from preftune.models import load
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    a, b, c = tmp_path / "a" / "M.gguf", tmp_path / "b" / "M.gguf", tmp_path / "c" / "M.gguf"
+    for path, data in ((a, b"same"), (b, b"same"), (c, b"other")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert load._gguf_cache_dir(a) == load._gguf_cache_dir(b) != load._gguf_cache_dir(c)
+    models = tmp_path / "cache" / "models"
+    for name in ("M-0123456789ab", "M-oldpathkey00", "Other-0123456789ab"):
+        (models / name).mkdir(parents=True)
+        (models / name / "config.json").write_text("{}")
+    (models / ".convert-tmp").mkdir()
+    target = load._gguf_cache_dir(a)
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    load._prune_other_conversions(target)
+    assert sorted(p.name for p in models.iterdir()) == sorted([".convert-tmp", "Other-0123456789ab", target.name])

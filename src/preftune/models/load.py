@@ -49,10 +49,36 @@ def embedded_gguf() -> Path:
     return files[0]
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's content, memoised per (path, size, mtime) in this process (~0.2 s for the 90 MB GGUF)."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    """Keyed on the file's content: every virtual environment holding the same GGUF shares one conversion
+    (keyed on path and mtime, each new venv or clone used to add another 0.5 GB copy)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+
+
+def _prune_other_conversions(target: Path) -> None:
+    """Remove earlier conversions of a GGUF file of the same name (other content or the old path-keyed
+    layout), so the cache holds one per file name."""
+    stem = target.name.rsplit("-", 1)[0]
+    for other in target.parent.glob(f"{stem}-*"):
+        if other != target and other.is_dir() and (other / "config.json").is_file():
+            log.info("removing an earlier conversion %s", other)
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -91,6 +117,7 @@ def convert_gguf(gguf: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune_other_conversions(target)
     return target
 
 
