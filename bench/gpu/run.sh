@@ -3,7 +3,9 @@
 # $OUT (so a workload cut short by the time limit loses only itself), plus the GPU's name.
 #   WORKLOADS=gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k   (default; all: see `preftune bench --help`)
 #   EXTRA="--preftune train.compile=true"               (extra bench options, e.g. a preftune-only setting)
-#   PER_WORKLOAD_S=170                                   (time limit per workload)
+#   STEPS="--warmup-steps 2 --steps 6"                   (fewer than the workloads' 3 + 10: three workloads fit
+#                                                         one device call; STEPS= for the full count)
+#   PER_WORKLOAD_S=180                                   (time limit per workload)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -29,7 +31,8 @@ gate=""
 for w in "${names[@]}"; do
   echo "== $w"
   # shellcheck disable=SC2086
-  timeout "${PER_WORKLOAD_S:-170}" "$PY" -m preftune.cli bench --workloads "$w" $gate ${EXTRA:-} --out "$OUT/$w.json" 2>&1 \
+  timeout "${PER_WORKLOAD_S:-180}" "$PY" -m preftune.cli bench --workloads "$w" $gate ${STEPS---warmup-steps 2 --steps 6} \
+    ${EXTRA:-} --out "$OUT/$w.json" 2>&1 \
     | grep -v -E "Loading weights|it/s\]|FutureWarning|warnings.warn" | tee "$OUT/$w.log" | tail -15
   gate="--skip-gate"  # the correctness gate (tiny model, CPU) ran with the first workload
 done
