@@ -32,7 +32,7 @@ config keys (defaults in parentheses; see preftune/config.py):
   train.eval_batch_size (16) train.precision (auto|fp32|bf16) train.num_threads train.progress (true)
   train.layout (auto|padded|prefix_shared|packed)  auto shares the prompt when prompts are as long as responses
   train.gradient_checkpointing (false) train.compile (false) train.device (auto|cpu|cuda|cuda:N|mps)
-  train.save_final (true: final checkpoint + policy/)
+  train.save_final (true: final checkpoint + policy/) train.tf32 (false; CUDA: TF32 for the fp32 LM-head matmuls)
   dpo.loss (sigmoid) dpo.beta (0.1) dpo.label_smoothing (0: plain DPO; >0: conservative DPO)
   reference.mode (model)      a frozen copy of ref_model
   run.dir (runs/<cmd>-<time>) run.plot (true)

@@ -62,6 +62,9 @@ class TrainConfig:
     device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N | mps
     save_final: bool = True  # the final checkpoint and RUN/policy; false: metrics only (throughput benchmarks)
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    # CUDA: TF32 tensor cores for fp32 matmuls (under bf16 autocast that is the LM head's log-prob matmuls, which
+    # in true fp32 run at a fraction of the bf16 rate); 10-bit mantissa inputs, fp32 accumulation. Off: IEEE fp32
+    tf32: bool = False
     progress: bool = True  # live progress bar
 
 

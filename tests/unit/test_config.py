@@ -255,3 +255,22 @@ def test_auto_layout_shares_the_prompt_when_it_saves_a_tenth_of_the_positions():
     assert resolve_layout(auto, items(5, 50)) == "padded"  # 105 vs 110: under the 10% threshold
     assert resolve_layout(auto, []) == "padded"
     assert resolve_layout(load_config(None, ["train.layout=packed"]), items(5, 50)) == "packed"
+
+
+def test_train_tf32_turns_on_tf32_matmuls_process_wide(monkeypatch):
+    """train.tf32=true sets torch's CUDA fp32-matmul precision to TF32 (the flag is settable without a GPU);
+    false leaves torch's setting alone."""
+    import torch
+
+    from preftune.config import load_config
+    from preftune.train.common import setup_threads
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        setup_threads(load_config(None, ["train.tf32=false"]))
+        assert matmul.fp32_precision == before
+        setup_threads(load_config(None, ["train.tf32=true"]))
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -173,7 +173,10 @@ def test_fused_head_forward_and_fp32_backward_equal_autograd(bias, chunk, temp_b
     backward (ragged last ones)."""
     if temp_bytes:
         monkeypatch.setattr(lp, "TEMP_BYTES", temp_bytes)
-        assert lp._token_step(chunk, 50) == 2 and lp._vocab_step(16, 50) == 7
+        cpu = torch.device("cpu")
+        assert lp._token_step(chunk, 50, cpu) == 2 and lp._vocab_step(16, 50, cpu) == 7
+        meta = torch.device("meta")  # any non-CPU device: the caller's chunk, one vocabulary slice
+        assert lp._token_step(chunk, 50, meta) == chunk and lp._vocab_step(16, 50, meta) == 50
     head, hidden, targets, weights = _head_case(bias)
     params = [hidden, head.weight] + ([head.bias] if bias else [])
 

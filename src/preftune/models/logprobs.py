@@ -59,15 +59,21 @@ def _head_grad_dtype(device: torch.device) -> torch.dtype:
 TEMP_BYTES = 24 << 20  # per vocabulary-sized temporary: below glibc's 32 MiB mmap ceiling, so it is reused
 
 
-def _token_step(chunk_tokens: int, vocab: int) -> int:
-    """Tokens per forward chunk: at most ``chunk_tokens`` and at most TEMP_BYTES of fp32 logits. A fresh
-    allocation above glibc's mmap threshold is new zero-filled pages on every call (measured here: 28 ms for
-    113 MB against 2.8 ms to refill one); below it, the freed block is reused."""
+def _token_step(chunk_tokens: int, vocab: int, device: torch.device) -> int:
+    """Tokens per forward chunk: at most ``chunk_tokens`` and, on a CPU, at most TEMP_BYTES of fp32 logits. There
+    a fresh allocation above glibc's mmap threshold is new zero-filled pages on every call (measured here: 28 ms
+    for 113 MB against 2.8 ms to refill one); below it, the freed block is reused. A GPU's caching allocator
+    reuses memory anyway, and larger matmuls are what it wants."""
+    if device.type != "cpu":
+        return chunk_tokens
     return max(1, min(chunk_tokens, TEMP_BYTES // (4 * vocab)))
 
 
-def _vocab_step(hidden_size: int, vocab: int) -> int:
-    """Vocabulary rows per backward slice: the slice's (V_s, H) outputs and casts stay under TEMP_BYTES."""
+def _vocab_step(hidden_size: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary rows per backward slice: on a CPU the slice's (V_s, H) outputs and casts stay under
+    TEMP_BYTES; elsewhere one slice."""
+    if device.type != "cpu":
+        return vocab
     return max(1, min(vocab, TEMP_BYTES // (4 * max(hidden_size, 1))))
 
 
@@ -95,7 +101,8 @@ class _HeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_dtype):
         probs = torch.empty(hidden.shape[0], weight.shape[0], dtype=grad_dtype, device=hidden.device)
-        out = _forward_logps(hidden, weight, bias, targets, _token_step(chunk_tokens, weight.shape[0]), probs)
+        out = _forward_logps(hidden, weight, bias, targets, _token_step(chunk_tokens, weight.shape[0],
+                                                                                  hidden.device), probs)
         ctx.grad_dtype = grad_dtype
         ctx.save_for_backward(hidden, weight, targets, probs, out)
         return out
@@ -118,7 +125,7 @@ class _HeadLogps(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if need_w else None
         h = hidden.to(dtype) if need_w else None
         vocab = weight.shape[0]
-        step = _vocab_step(hidden.shape[1], vocab)
+        step = _vocab_step(hidden.shape[1], vocab, hidden.device)
         for start in range(0, vocab, step):
             d = d_logits[:, start:start + step]
             if need_h:
@@ -141,7 +148,8 @@ def _head_logps(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, ch
         if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _HeadLogps.apply(hidden, weight, bias, targets, chunk_tokens, grad_dtype)
-        return _forward_logps(hidden, weight, bias, targets, _token_step(chunk_tokens, weight.shape[0]), None)
+        return _forward_logps(hidden, weight, bias, targets,
+                              _token_step(chunk_tokens, weight.shape[0], hidden.device), None)
 
 
 def gathered_logps(

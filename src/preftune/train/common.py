@@ -90,6 +90,12 @@ def setup_threads(cfg: Config) -> None:
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.tf32:  # process-wide, as torch's flag is; false leaves torch's setting (IEEE fp32 by default)
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = "tf32"
+        else:  # torch < 2.9
+            matmul.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)

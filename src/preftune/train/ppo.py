@@ -76,7 +76,7 @@ class PPORunConfig(Config):
 
 # train.* keys PPO reads; every other train/data/dpo key must stay at its default (never silently ignored)
 USED_TRAIN_KEYS = ("seed", "precision", "num_threads", "progress", "optimizer", "weight_decay", "max_grad_norm",
-                   "keep_checkpoints", "device")
+                   "keep_checkpoints", "device", "tf32")
 _INSTEAD = {"lr": "ppo.lr", "max_steps": "ppo.iterations", "batch_size": "ppo.batch_size",
             "eval_every": "ppo.eval_every", "save_every": "ppo.save_every"}
 

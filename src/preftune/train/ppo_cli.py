@@ -45,7 +45,7 @@ config keys (defaults in parentheses; see preftune/train/ppo.py):
   ppo.eval_every (0)            the in-process eval hook's cadence (run_ppo(cfg, eval_hook=...))
   ppo.save_every (0)            checkpoint every N iterations (0: only at the end)
   train.seed (0) train.precision (auto|fp32|bf16) train.num_threads train.optimizer (adamw)
-  train.weight_decay (0) train.max_grad_norm (1.0) train.keep_checkpoints (2)
+  train.weight_decay (0) train.max_grad_norm (1.0) train.keep_checkpoints (2) train.device train.tf32
   train.progress (true)         one log line per iteration
   run.dir (runs/ppo-<time>)
   not used (refused when changed): other train.* keys (use ppo.lr, ppo.iterations, ...), data.*, dpo.*,
