@@ -52,8 +52,9 @@ def embedded_gguf() -> Path:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file's content, memoised per (path, size, mtime) in this process (~0.2 s for the 90 MB GGUF)."""
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, memoised per (path, size, mtime) in this process (~0.2 s for the 90 MB GGUF;
+    also the reference cache's weight identity)."""
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _DIGESTS:
@@ -68,7 +69,7 @@ def _file_digest(path: Path) -> str:
 def _gguf_cache_dir(gguf: Path) -> Path:
     """Keyed on the file's content: every virtual environment holding the same GGUF shares one conversion
     (keyed on path and mtime, each new venv or clone used to add another 0.5 GB copy)."""
-    return cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+    return cache_dir() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
 
 
 def _prune_other_conversions(target: Path) -> None:

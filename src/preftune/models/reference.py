@@ -101,13 +101,10 @@ class PrecomputedReference:
 
 # ---- precompute + cache ----------------------------------------------------------------------------------
 
-_WEIGHT_HASHES: dict[tuple, str] = {}
-
-
 def weights_identity(spec: str, seed: int) -> str:
     """A content hash of the reference weights named by ``spec`` (files on disk, or the tiny model's seed and
     config), computed without loading the model; memoised per (path, size, mtime) in this process."""
-    from preftune.models.load import TINY_ALIAS, resolve_spec
+    from preftune.models.load import TINY_ALIAS, file_digest, resolve_spec
     from preftune.models.lora import is_adapter_dir
 
     if spec == TINY_ALIAS:
@@ -118,15 +115,7 @@ def weights_identity(spec: str, seed: int) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
     digest = hashlib.sha256()
     for f in files:
-        stat = f.stat()
-        key = (str(f.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _WEIGHT_HASHES:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            _WEIGHT_HASHES[key] = h.hexdigest()
-        digest.update(f.name.encode() + _WEIGHT_HASHES[key].encode())
+        digest.update(f.name.encode() + file_digest(f).encode())
     return digest.hexdigest()
 
 
