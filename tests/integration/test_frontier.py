@@ -51,3 +51,14 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
     assert main(args + ["frontier.ppo_lr=3e-5", "train.lr=2e-3"]) == 0
     reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
     assert [Path(x).name for x in reused] == ["ppo-0.05", "ppo-gt-0.05", "reward"]
+
+
+def test_reuse_keys_hold_only_set_values():
+    """A reuse key lists the values that differ from the defaults: a key added later at its default leaves old
+    keys valid, and any set value still changes the key."""
+    from preftune.config import TrainConfig
+    from preftune.experiments.frontier import _changed
+
+    assert _changed(TrainConfig(), TrainConfig()) == {}
+    assert _changed(TrainConfig(lr=1e-3, seed=3), TrainConfig()) == {"lr": 1e-3, "seed": 3}
+    assert _changed(TrainConfig(), TrainConfig(lr=1e-3)) == {"lr": TrainConfig().lr}

@@ -107,10 +107,17 @@ def _checkpoint_points(method: str, setting: str, run_dir: Path, held: HeldOut, 
     return points
 
 
+def _changed(section, defaults) -> dict:
+    """A config section's values that differ from its class defaults: a reuse key from these stays the same when
+    a later version adds a key (at a default that keeps the old behaviour), and still differs whenever a value
+    that was set differs."""
+    return {k: v for k, v in vars(section).items() if v != getattr(defaults, k, object())}
+
+
 def _train_without(cfg, overrides: list[str]) -> dict:
-    """The train section minus the keys a sub-run's overrides replace."""
+    """The train section's set values minus the keys a sub-run's overrides replace."""
     replaced = {o.split("=", 1)[0].removeprefix("train.") for o in overrides if o.startswith("train.")}
-    return {k: v for k, v in vars(cfg.train).items() if k not in replaced}
+    return {k: v for k, v in _changed(cfg.train, TrainConfig()).items() if k not in replaced}
 
 
 def _reused_or_run(run_dir: Path, key: dict, run):
@@ -186,7 +193,8 @@ def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick:
     every = lambda steps: max(1, steps // f.eval_points)  # noqa: E731
     data = [f"data.train={root / 'pairs.jsonl'}"]
     # what every run's result depends on; each run adds its own settings
-    common = {"model": cfg.model, "ref_model": cfg.ref_model, "data": vars(cfg.data), "train": vars(cfg.train),
+    common = {"model": cfg.model, "ref_model": cfg.ref_model, "data": _changed(cfg.data, DataConfig()),
+              "train": _changed(cfg.train, TrainConfig()),
               "prompts": {k: getattr(f, k) for k in vars(DemoSettings())}, "eval_points": f.eval_points}
     for beta in _floats(f.dpo_betas):
         run_dir = root / "runs" / f"dpo-beta{beta}"
