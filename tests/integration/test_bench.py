@@ -51,6 +51,10 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert r["tokens_match_preftune"]  # TRL tokenised the records exactly as preftune did
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] == rows[2]["tokens_per_step"]
     assert rows[0]["settings"]["gradient_checkpointing"] is True  # --preftune reached the preftune child only
+    phases = rows[0]["phase_s"]  # preftune's step-time breakdown over the timed steps
+    assert set(phases) == {"data", "forward", "backward", "optimizer"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= rows[0]["step_s_max"] * 1.01
+    assert rows[1]["phase_s"] is None
     assert rows[1]["settings"]["effective"]["gradient_checkpointing"] == "True"  # TRL's default
     assert rows[2]["settings"]["effective"]["gradient_checkpointing"] == "False"  # trl-best
     by_system = {s["system"]: s for s in doc["summary"]}

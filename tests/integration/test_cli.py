@@ -34,6 +34,11 @@ def test_dpo_then_eval_then_sample_then_score(tmp_path, pairs_file, capsys):
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs_per_s", "tokens_per_s"):
         assert key in train_rows[0], key
+    # where each step's time went: the phases are positive and add up to at most the step's wall time
+    phases = ("time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s")
+    for row in train_rows:
+        assert all(row[k] > 0 for k in phases), row
+        assert sum(row[k] for k in phases) <= 2 / row["pairs_per_s"] * 1.001  # 2 pairs per step, log_every 1
     assert "eval/rewards/accuracies" in eval_rows[0]
     env = json.loads((run_dir / "env.json").read_text())
     assert env["seed"] == 0 and "torch" in env

@@ -134,6 +134,7 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
             "tokens_per_step": result["tokens_per_step"],
             "completion_tokens_per_step": job["completion_tokens_per_step"],
             "tokens_match_preftune": result.get("tokens_match", True),
+            "phase_s": result.get("phase_s"),  # preftune's step-time breakdown (data/forward/backward/optimizer)
             "until_first_timed_step_s": result["until_first_timed_step_s"], "torch_threads": result["torch_threads"],
             "settings": result["settings"], "versions": result["versions"], "error": None}
 
@@ -234,6 +235,8 @@ def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repea
             else:
                 shown = (f"{row['step_s']:.3f} s/step  {row['pairs_per_s']:.2f} pairs/s  "
                          f"{row['tokens_per_s']:.0f} tokens/s  peak {row['peak_mem_gb']:.2f} GB")
+                if row.get("phase_s"):
+                    shown += "  [" + " ".join(f"{k} {v:.3f}" for k, v in row["phase_s"].items()) + "]"
             log(f"  {system:12} {shown}  (child {time.perf_counter() - t0:.0f} s, load {load_before:.1f})")
     return rows
 

@@ -91,7 +91,12 @@ def run_preftune(job: dict) -> dict:
     from preftune.data.tokenize import TokenizedPair
 
     items = [TokenizedPair(p, c, r, "bench") for p, c, r in job["preftune_ids"]]
-    return {"settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
+    # the step-time breakdown preftune logs (time/*_s per step), averaged over the timed steps
+    rows = [json.loads(line) for line in (Path(job["out_dir"]) / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r.get("step", 0) > job["warmup_steps"] and "time/forward_s" in r]
+    phases = {k.removeprefix("time/").removesuffix("_s"): sum(r[k] for r in timed) / len(timed)
+              for k in timed[0] if k.startswith("time/")} if timed else None
+    return {"phase_s": phases, "settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
                          "layout": dpo.resolve_layout(cfg, items), "compile": cfg.train.compile,
                          "gradient_checkpointing": cfg.train.gradient_checkpointing}}
 

@@ -91,6 +91,53 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
+class PhaseTimer:
+    """Where a step's time goes (``time/data_s``, ``time/forward_s``, ``time/backward_s``, ``time/optimizer_s`` in
+    the metrics, per step, averaged over the logging window). CPU: the host's wall clock. CUDA: events recorded
+    at the phase boundaries, read once per logging window, so the timing never synchronises inside a step (and
+    the phases are GPU time; the data phase is the host's collate)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self.pending: list[tuple[str, Any, Any]] = []
+        self.last: Any = None
+        self.steps = 0
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, name: str, host: bool = False) -> None:
+        """The time since the previous lap goes to ``name``; ``host``: a host-side phase (timed on the host)."""
+        if self.cuda and not host:
+            now = self._now()
+            if not isinstance(self.last, float):
+                self.pending.append((name, self.last, now))
+            self.last = now
+            return
+        now = time.perf_counter()
+        if isinstance(self.last, float):
+            self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+        self.last = self._now() if self.cuda else now
+
+    def read(self) -> dict[str, float]:
+        """Per-step averages since the last read, then reset."""
+        if self.pending:
+            self.pending[-1][2].synchronize()
+            for name, start, end in self.pending:
+                self.totals[name] = self.totals.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        out = {f"time/{name}_s": total / max(self.steps, 1) for name, total in self.totals.items()}
+        self.totals, self.pending, self.steps = {}, [], 0
+        return out
+
+
 def _reduce(stats: Stats) -> dict[str, float]:
     """The single sync point: (sum, count) tensors -> floats."""
     return {name: (s / c.clamp(min=1)).item() for name, (s, c) in stats.items()}
@@ -143,16 +190,21 @@ def fit(
     progress = _progress(cfg, step)
     acc: Stats = {}
     window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
+    timer = PhaseTimer(device)
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     try:
         while step < cfg.max_steps:
+            timer.start()
             micro = [collate([items[i] for i in order.take(cfg.batch_size)]) for _ in range(cfg.grad_accum_steps)]
             total_weight = float(sum(weight_fn(b) for b in micro))
+            timer.lap("data", host=True)
             for batch in micro:
                 with autocast_context(device, precision):
                     out = step_fn({k: v.to(device) for k, v in batch.items()})
+                timer.lap("forward")
                 (out.loss / max(total_weight, 1.0)).backward()
+                timer.lap("backward")
                 _add(acc, out.stats)
                 window["tokens"] += out.tokens
                 window["pairs"] += out.pairs
@@ -162,13 +214,16 @@ def fit(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            timer.lap("optimizer")
+            timer.steps += 1
             step += 1
             faults.set_step(step)
             _add(acc, {"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = max(time.perf_counter() - window["t"], 1e-9)
                 last = _reduce(acc)
-                last.update(lr=lr, pairs_per_s=window["pairs"] / elapsed, tokens_per_s=window["tokens"] / elapsed)
+                last.update(lr=lr, pairs_per_s=window["pairs"] / elapsed, tokens_per_s=window["tokens"] / elapsed,
+                            **timer.read())
                 metrics.write({"step": step, "epoch": order.epoch, **last})
                 acc = {}
                 window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
