@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run ON the device machine (see prepare.sh): the GPU workloads of `preftune bench`, one JSON per workload in
-# $OUT (so a workload cut short by the time limit loses only itself), plus the GPU's name.
+# Run ON the device machine (see prepare.sh): the GPU workloads of `preftune bench`, one rows JSON and one
+# summary JSON per workload in $OUT (so a workload cut short by the time limit loses only itself), one log for
+# all, and the GPU's name and versions: at most 3 workloads x 2 + 2 = 8 files, the device tool's limit.
 #   WORKLOADS=gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k   (default; all: see `preftune bench --help`)
 #   EXTRA="--preftune train.compile=true"               (extra bench options, e.g. a preftune-only setting)
 #   STEPS="--warmup-steps 2 --steps 6"                   (fewer than the workloads' 3 + 10: three workloads fit
@@ -33,7 +34,7 @@ for w in "${names[@]}"; do
   # shellcheck disable=SC2086
   timeout "${PER_WORKLOAD_S:-180}" "$PY" -m preftune.cli bench --workloads "$w" $gate ${STEPS---warmup-steps 2 --steps 6} \
     ${EXTRA:-} --out "$OUT/$w.json" 2>&1 \
-    | grep -v -E "Loading weights|it/s\]|FutureWarning|warnings.warn" | tee "$OUT/$w.log" | tail -15
+    | grep -v -E "Loading weights|it/s\]|FutureWarning|warnings.warn" | tee -a "$OUT/bench.log" | tail -15
   gate="--skip-gate"  # the correctness gate (tiny model, CPU) ran with the first workload
 done
 ls -la "$OUT"

@@ -39,8 +39,10 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
     code = main(["bench", "--workloads", "tiny-cpu", "--warmup-steps", "1", "--steps", "2", "--precision", "fp32",
                  "--skip-gate", "--out", str(out), "--preftune", "train.gradient_checkpointing=true"])
     assert code == 0
-    doc = json.loads(out.read_text())
-    rows = doc["rows"]
+    rows = json.loads(out.read_text())  # the file is the list of rows (the format) ...
+    assert isinstance(rows, list)
+    doc = json.loads((tmp_path / "bench.summary.json").read_text())  # ... and the rest beside it
+    assert set(doc) == {"meta", "gate", "summary", "ratios"}
     assert [r["system"] for r in rows] == ["preftune", "trl-default", "trl-best"]
     for r in rows:
         assert r["workload"] == "tiny-cpu" and r["error"] is None
@@ -80,7 +82,7 @@ def test_bench_precomputed_reference_mode_reaches_both_systems(tmp_path):
     assert main(["bench", "--workloads", "tiny-cpu", "--systems", "preftune,trl-best", "--warmup-steps", "1",
                  "--steps", "1", "--precision", "fp32", "--skip-gate", "--reference", "precomputed",
                  "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text())
     assert [r["error"] for r in rows] == [None, None]
     assert "reference.mode=precomputed" in rows[0]["settings"]["overrides"]
     assert rows[1]["settings"]["effective"]["precompute_ref_log_probs"] == "True"

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="cpu-short only, 2 warm-up + 3 timed steps (< 3 min on 2 cores)")
-    p.add_argument("--out", metavar="FILE.json", help="write rows, per-system summary, ratios and the gate's result")
+    p.add_argument("--out", metavar="FILE.json", help="write the list of rows (one per workload and system: workload, "
+                   "system, pairs_per_s, tokens_per_s, peak_mem_gb, step times, ...) to FILE.json, and the settings, "
+                   "the gate's result, the per-system summary and the ratios to FILE.summary.json")
     p.add_argument("--workloads", help="comma-separated (default: the CPU workloads, or the GPU ones when CUDA is "
                                        "available): cpu-short, cpu-long-prompt, gpu-0.4b-short, gpu-0.4b-2k, "
                                        "gpu-1.5b-short, gpu-1.5b-2k, gpu-1.5b-long-prompt")
@@ -50,6 +52,11 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
     p.add_argument("--skip-gate", action="store_true", help=argparse.SUPPRESS)  # tests: the gate has its own
     p.set_defaults(func=cmd_bench)
+
+
+def summary_path(out: Path) -> Path:
+    """FILE.json -> FILE.summary.json (beside the rows)."""
+    return out.with_name(out.name.removesuffix(".json") + ".summary.json")
 
 
 def cmd_bench(args) -> int:
@@ -98,9 +105,12 @@ def cmd_bench(args) -> int:
     print()
     print(format_table(doc["summary"], doc["ratios"]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        print(f"\nwrote {args.out}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc["rows"], indent=2), encoding="utf-8")
+        summary = summary_path(out)
+        summary.write_text(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2), encoding="utf-8")
+        print(f"\nwrote {out} (rows) and {summary} (settings, gate, summary, ratios)")
     failed = [r for r in doc["rows"] if r["error"] and not r.get("oom")]
     for r in failed:
         print(f"error: {r['workload']} / {r['system']} failed:\n{r['error']}", file=sys.stderr)
