@@ -82,6 +82,7 @@ def matched_overrides(job: dict) -> list[str]:
 def run_preftune(job: dict) -> dict:
     from preftune.config import load_config
     from preftune.train import dpo
+    from preftune.train.rundir import read_metrics
 
     # no final checkpoint or policy after the timed steps: TRL saves nothing either
     extra = list(job.get("preftune_overrides") or [])  # --preftune KEY=VALUE: e.g. train.gradient_checkpointing=true
@@ -92,7 +93,7 @@ def run_preftune(job: dict) -> dict:
 
     items = [TokenizedPair(p, c, r, "bench") for p, c, r in job["preftune_ids"]]
     # the step-time breakdown preftune logs (time/*_s per step), averaged over the timed steps
-    rows = [json.loads(line) for line in (Path(job["out_dir"]) / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(Path(job["out_dir"]) / "run" / "metrics.jsonl")
     timed = [r for r in rows if r.get("step", 0) > job["warmup_steps"] and "time/forward_s" in r]
     phases = {k.removeprefix("time/").removesuffix("_s"): sum(r[k] for r in timed) / len(timed)
               for k in timed[0] if k.startswith("time/")} if timed else None

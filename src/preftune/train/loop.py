@@ -100,32 +100,32 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = {}
-        self.pending: list[tuple[str, Any, Any]] = []
-        self.last: Any = None
+        self.pending: list[tuple[str, Any, Any]] = []  # CUDA: (phase, start event, end event), read later
+        self.host = 0.0  # the host clock at the previous lap
+        self.mark: Any = None  # CUDA: the event at the previous lap
         self.steps = 0
 
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+    def _event(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def start(self) -> None:
-        self.last = time.perf_counter()
+        self.host = time.perf_counter()
 
     def lap(self, name: str, host: bool = False) -> None:
-        """The time since the previous lap goes to ``name``; ``host``: a host-side phase (timed on the host)."""
+        """The time since the previous lap goes to ``name``; ``host``: a host-side phase (timed on the host, and a
+        new device mark after it)."""
         if self.cuda and not host:
-            now = self._now()
-            if not isinstance(self.last, float):
-                self.pending.append((name, self.last, now))
-            self.last = now
+            end = self._event()
+            self.pending.append((name, self.mark, end))
+            self.mark = end
             return
         now = time.perf_counter()
-        if isinstance(self.last, float):
-            self.totals[name] = self.totals.get(name, 0.0) + now - self.last
-        self.last = self._now() if self.cuda else now
+        self.totals[name] = self.totals.get(name, 0.0) + now - self.host
+        self.host = now
+        if self.cuda:
+            self.mark = self._event()
 
     def read(self) -> dict[str, float]:
         """Per-step averages since the last read, then reset."""
