@@ -7,6 +7,8 @@ the BOS tests wrap it to behave like a Llama tokenizer that prepends BOS.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -440,3 +442,35 @@ def test_gguf_conversions_are_keyed_on_content_and_pruned(tmp_path, monkeypatch)
     (target / "config.json").write_text("{}")
     load._prune_other_conversions(target)
     assert sorted(p.name for p in models.iterdir()) == sorted([".convert-tmp", "Other-0123456789ab", target.name])
+
+
+def test_file_digest_is_remembered_on_disk_and_never_stale(tmp_path, monkeypatch):
+    """The digest survives the process (an on-disk memo read instead of re-hashing), a rewritten file is
+    re-hashed even when its size and mtime are set back, and a damaged memo is ignored."""
+    import hashlib
+
+    from preftune.models import load
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "M.gguf"
+    path.write_bytes(b"first")
+    assert load.file_digest(path) == hashlib.sha256(b"first").hexdigest()
+    memos = list((tmp_path / "cache" / "digests").iterdir())
+    assert len(memos) == 1
+
+    monkeypatch.setattr(load, "_DIGESTS", {})  # a new process
+    hashed = []
+    original = load._hash_and_remember
+    monkeypatch.setattr(load, "_hash_and_remember", lambda p, m: hashed.append(p) or original(p, m))
+    assert load.file_digest(path) == hashlib.sha256(b"first").hexdigest() and hashed == []
+
+    stat = path.stat()
+    path.write_bytes(b"other")  # same size; mtime set back: only the ctime tells
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    monkeypatch.setattr(load, "_DIGESTS", {})
+    assert load.file_digest(path) == hashlib.sha256(b"other").hexdigest() and hashed == [path]
+
+    for memo in (tmp_path / "cache" / "digests").iterdir():
+        memo.write_text("not a digest")
+    monkeypatch.setattr(load, "_DIGESTS", {})
+    assert load.file_digest(path) == hashlib.sha256(b"other").hexdigest() and len(hashed) == 2

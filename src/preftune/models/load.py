@@ -53,17 +53,46 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's content, memoised per (path, size, mtime) in this process (~0.2 s for the 90 MB GGUF;
-    also the reference cache's weight identity)."""
+    """sha256 of a file's content. Hashing the 90 MB GGUF takes ~0.2 s, which every command and every bench
+    child paid at start-up, so the digest is memoised in this process and on disk under
+    ``cache_dir()/digests``, keyed on the file's identity: resolved path, inode, size, mtime and ctime in ns.
+    The ctime cannot be set back by a user (``touch -d`` sets mtime only), so a rewritten file never matches
+    an old entry. Also the reference cache's weight identity."""
     stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    memo = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if memo not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _DIGESTS[memo] = digest.hexdigest()
+        _DIGESTS[memo] = _read_digest_memo(memo) or _hash_and_remember(path, memo)
     return _DIGESTS[memo]
+
+
+def _digest_memo_file(memo: tuple) -> Path:
+    key = hashlib.sha256(repr(memo).encode()).hexdigest()[:32]
+    return cache_dir() / "digests" / key
+
+
+def _read_digest_memo(memo: tuple) -> str | None:
+    try:
+        text = _digest_memo_file(memo).read_text().strip()
+    except OSError:
+        return None
+    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+
+def _hash_and_remember(path: Path, memo: tuple) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    target = _digest_memo_file(memo)
+    try:  # best effort: a read-only cache only costs the re-hash
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False) as tmp:
+            tmp.write(value)
+        os.replace(tmp.name, target)
+    except OSError as exc:
+        log.debug("could not remember the digest of %s: %s", path, exc)
+    return value
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
