@@ -37,7 +37,8 @@ def test_gate_fails_loudly_on_a_disagreement():
 def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--workloads", "tiny-cpu", "--warmup-steps", "1", "--steps", "2", "--precision", "fp32",
-                 "--skip-gate", "--out", str(out), "--preftune", "train.gradient_checkpointing=true"])
+                 "--skip-gate", "--out", str(out), "--preftune", "train.gradient_checkpointing=true",
+                 "--peak-tflops", "0.05"])
     assert code == 0
     rows = json.loads(out.read_text())  # the file is the list of rows (the format) ...
     assert isinstance(rows, list)
@@ -51,6 +52,9 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
         assert r["peak_mem_gb"] > 0.1 and r["precision"] == "fp32" and r["step_cpu_s"] > 0
         assert r["tokens_match_preftune"]  # TRL tokenised the records exactly as preftune did
+        # MFU, the accounting: policy tokens/s x 8N (live reference) / peak; N counts the tied embedding once
+        assert r["n_params"] == 3_219_776 and r["flops_per_token"] == 8 * 3_219_776
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 8 * 3_219_776 / 0.05e12)
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] == rows[2]["tokens_per_step"]
     assert rows[0]["settings"]["gradient_checkpointing"] is True  # --preftune reached the preftune child only
     phases = rows[0]["phase_s"]  # preftune's step-time breakdown over the timed steps
@@ -67,7 +71,10 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
         baseline = fastest if r["baseline"].startswith("trl-fastest") else r["baseline"]
         for metric in ("pairs_per_s", "tokens_per_s", "peak_mem_gb", "step_s"):
             assert r[metric] == pytest.approx(by_system["preftune"][metric] / by_system[baseline][metric])
-    assert "preftune / TRL" in capsys.readouterr().out
+    assert all(s["mfu"] == pytest.approx(s["tokens_per_s"] * 8 * 3_219_776 / 0.05e12) for s in doc["summary"])
+    assert doc["meta"]["peak_tflops"] == 0.05
+    printed = capsys.readouterr().out
+    assert "preftune / TRL" in printed and "MFU" in printed
 
 
 def test_bench_rejects_a_bad_preftune_override(capsys):
@@ -84,5 +91,7 @@ def test_bench_precomputed_reference_mode_reaches_both_systems(tmp_path):
                  "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["error"] for r in rows] == [None, None]
+    assert [r["mfu"] for r in rows] == [None, None]  # no peak known for a CPU without --peak-tflops
+    assert rows[0]["flops_per_token"] == 6 * rows[0]["n_params"]  # no reference forward in the step
     assert "reference.mode=precomputed" in rows[0]["settings"]["overrides"]
     assert rows[1]["settings"]["effective"]["precompute_ref_log_probs"] == "True"

@@ -49,6 +49,10 @@ def register(subparsers) -> None:
     p.add_argument("--wait-quiet", type=float, metavar="FRACTION",
                    help="shared machines: before each child, wait (up to 15 min) until other processes keep less "
                         "than FRACTION of the CPUs busy (e.g. 0.2)")
+    p.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                   help="the hardware's peak (TFLOP/s) for the MFU column: policy tokens/s x 8N (6N with "
+                        "--reference precomputed) / peak; default: the GPU's dense bf16 data-sheet peak (H100, "
+                        "H200, A100, ...) for bf16 GPU workloads, none on CPUs")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
     p.add_argument("--skip-gate", action="store_true", help=argparse.SUPPRESS)  # tests: the gate has its own
     p.set_defaults(func=cmd_bench)
@@ -94,7 +98,8 @@ def cmd_bench(args) -> int:
     try:
         doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
                             repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,
-                            timeout_s=args.timeout, wait_busy=args.wait_quiet, log=lambda m: print(m, flush=True))
+                            timeout_s=args.timeout, wait_busy=args.wait_quiet, peak_tflops=args.peak_tflops,
+                            log=lambda m: print(m, flush=True))
     except GateError as exc:
         print(f"\nCORRECTNESS GATE FAILED: preftune and TRL do not compute the same thing; no timing was run.\n{exc}",
               file=sys.stderr)

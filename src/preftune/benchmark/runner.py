@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preftune.benchmark.flops import count_parameters, flops_per_token, gpu_peak_tflops, mfu
 from preftune.benchmark.systems import SYSTEMS
 from preftune.benchmark.workloads import WORKLOADS, Workload
 
@@ -61,8 +62,9 @@ def hardware() -> dict:
         pass
     from preftune.train.common import cpu_has_fast_bf16
 
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_fast_bf16(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_fast_bf16(), "gpu": gpu,
+            "gpu_peak_bf16_tflops": gpu_peak_tflops(gpu),
             "platform": platform.platform(), "python": platform.python_version()}
 
 
@@ -121,12 +123,16 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
            "prompt_tokens_mean": job["prompt_tokens_mean"], "response_tokens_mean": job["response_tokens_mean"],
            "warmup_steps": job["warmup_steps"], "timed_steps": job["timed_steps"]}
     if "error" in result:
-        return {**row, **dict.fromkeys(METRICS), "error": result["error"], "oom": result.get("oom", False)}
+        return {**row, **dict.fromkeys(METRICS), "mfu": None, "error": result["error"],
+                "oom": result.get("oom", False)}
     steps = result["step_s_list"]
     step_s = statistics.median(steps)
     peak = result["peak_gpu_gb"] if workload.device == "cuda" else result["peak_rss_gb"]
-    return {**row, "pairs_per_s": workload.n_pairs / step_s, "tokens_per_s": result["tokens_per_step"] / step_s,
-            "peak_mem_gb": peak, "step_s": step_s, "step_s_mean": statistics.fmean(steps),
+    tokens_per_s = result["tokens_per_step"] / step_s
+    return {**row, "pairs_per_s": workload.n_pairs / step_s, "tokens_per_s": tokens_per_s,
+            "peak_mem_gb": peak, "mfu": mfu(tokens_per_s, job["flops_per_token"], job["peak_tflops"]),
+            "n_params": job["n_params"], "flops_per_token": job["flops_per_token"],
+            "step_s": step_s, "step_s_mean": statistics.fmean(steps),
             "step_s_min": min(steps), "step_s_max": max(steps), "step_s_list": steps,
             "step_cpu_s": statistics.median(result["step_cpu_s_list"]), "step_cpu_s_list": result["step_cpu_s_list"],
             "step_minflt": statistics.median(result["step_minflt_list"]),
@@ -136,24 +142,26 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
             "tokens_match_preftune": result.get("tokens_match", True),
             "phase_s": result.get("phase_s"),  # preftune's step-time breakdown (data/forward/backward/optimizer)
             "until_first_timed_step_s": result["until_first_timed_step_s"], "torch_threads": result["torch_threads"],
-            "settings": result["settings"], "versions": result["versions"], "error": None}
+            "settings": result["settings"], "versions": result["versions"], "peak_tflops": job["peak_tflops"],
+            "error": None}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """One line per (workload, system), pooling repetitions: step_s = median over all timed steps of all reps,
-    peak memory = the largest peak."""
+    peak memory = the largest peak, MFU from the pooled tokens/s."""
     out = []
     for workload, system in dict.fromkeys((r["workload"], r["system"]) for r in rows):
         group = [r for r in rows if (r["workload"], r["system"]) == (workload, system) and not r["error"]]
         if not group:
             out.append({"workload": workload, "system": system, "reps": 0, **dict.fromkeys(METRICS),
-                        "step_s_min": None, "step_cpu_s": None})
+                        "mfu": None, "step_s_min": None, "step_cpu_s": None})
             continue
         steps = [s for r in group for s in r["step_s_list"]]
         step_s = statistics.median(steps)
+        tokens_per_s = group[0]["tokens_per_step"] / step_s
         out.append({"workload": workload, "system": system, "reps": len(group),
-                    "pairs_per_s": group[0]["pairs_per_step"] / step_s,
-                    "tokens_per_s": group[0]["tokens_per_step"] / step_s,
+                    "pairs_per_s": group[0]["pairs_per_step"] / step_s, "tokens_per_s": tokens_per_s,
+                    "mfu": mfu(tokens_per_s, group[0]["flops_per_token"], group[0]["peak_tflops"]),
                     "peak_mem_gb": max(r["peak_mem_gb"] for r in group), "step_s": step_s, "step_s_min": min(steps),
                     "step_cpu_s": statistics.median([s for r in group for s in r["step_cpu_s_list"]])})
     return out
@@ -185,13 +193,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
+    show_mfu = any(s.get("mfu") is not None for s in summary)
     lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11} "
-             f"{'min_step_s':>10} {'cpu_s/step':>10}"]
+             f"{'min_step_s':>10} {'cpu_s/step':>10}" + (f" {'MFU':>6}" if show_mfu else "")]
     for s in summary:
         lines.append(f"{s['workload']:22} {s['system']:12} {_fmt(s['step_s'], '8.3f')} "
                      f"{_fmt(s['pairs_per_s'], '8.2f')} {_fmt(s['tokens_per_s'], '9.0f')} "
                      f"{_fmt(s['peak_mem_gb'], '11.2f')} {_fmt(s['step_s_min'], '10.3f')} "
-                     f"{_fmt(s['step_cpu_s'], '10.2f')}")
+                     f"{_fmt(s['step_cpu_s'], '10.2f')}" + (f" {_fmt(s.get('mfu'), '6.1%')}" if show_mfu else ""))
     if ratio_rows:
         lines += ["", "preftune / TRL (pairs/s, tokens/s: >1 = preftune faster; peak_mem: <1 = preftune smaller)",
                   f"{'workload':22} {'vs':28} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem':>9} {'step_s':>8}"]
@@ -213,7 +222,8 @@ def prepare_workload(workload: Workload, root: Path) -> dict:
     tokens = tokenize_records(tokenizer, records, workload)
     max_length, max_prompt = sequence_budget(workload)
     data = write_jsonl(root / f"{workload.name}.jsonl", records)
-    return {"model_dir": model_dir, "data": str(data), "max_length": max_length, "max_prompt_tokens": max_prompt,
+    return {"model_dir": model_dir, "n_params": count_parameters(model_dir), "data": str(data),
+            "max_length": max_length, "max_prompt_tokens": max_prompt,
             "n_pairs": workload.n_pairs, "device": workload.device, "preftune_ids": tokens.pop("ids"), **tokens}
 
 
@@ -243,7 +253,7 @@ def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repea
 
 def run_benchmark(*, workloads: list[str], systems: list[str], settings: Settings, quick: bool, repeat: int = 1,
                   steps: tuple[int | None, int | None] = (None, None), gate: bool = True, timeout_s: float = 1800,
-                  wait_busy: float | None = None, log=print) -> dict:
+                  wait_busy: float | None = None, peak_tflops: float | None = None, log=print) -> dict:
     """Everything ``preftune bench`` does but the printing of the final table; returns the JSON document."""
     unknown = [s for s in systems if s not in SYSTEMS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -253,8 +263,9 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
         raise ValueError("--warmup-steps, --steps and --repeat must be >= 1 (a step is timed from the end of the "
                          "previous one)")
     started = time.time()
+    hw = hardware()
     doc: dict = {"meta": {"command": " ".join(["preftune", *sys.argv[1:]]) if sys.argv else "", "quick": quick,
-                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": hardware(),
+                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": hw, "peak_tflops": peak_tflops,
                           "settings": vars(settings), "repeat": repeat, "systems": systems, "workloads": workloads},
                  "gate": None}
     if gate:
@@ -273,8 +284,12 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
                 warm, timed = w.quick or (w.warmup_steps, min(w.timed_steps, 3))
             warm, timed = steps[0] or warm, steps[1] or timed
             prepared = prepare_workload(w, root)
-            base = {**prepared, **vars(settings), "precision": resolve_precision(settings.precision, w.device),
-                    "workload": name, "warmup_steps": warm, "timed_steps": timed}
+            precision = resolve_precision(settings.precision, w.device)
+            # MFU against the bf16 peak: --peak-tflops, else the GPU's data-sheet peak (bf16 runs on a GPU only)
+            peak = peak_tflops or (hw["gpu_peak_bf16_tflops"] if w.device == "cuda" and precision == "bf16" else None)
+            base = {**prepared, **vars(settings), "precision": precision, "workload": name, "warmup_steps": warm,
+                    "timed_steps": timed, "peak_tflops": peak,
+                    "flops_per_token": flops_per_token(prepared["n_params"], settings.reference)}
             log(f"{name}: {w.model}, {w.n_pairs} pairs/step, prompt {prepared['prompt_tokens_mean']:.0f} + response "
                 f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "
                 f"{base['precision']}, {warm} warm-up + {timed} timed steps")
