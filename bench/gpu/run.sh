@@ -2,7 +2,10 @@
 # Run ON the device machine (see prepare.sh): the GPU workloads of `preftune bench`, one rows JSON and one
 # summary JSON per workload in $OUT (so a workload cut short by the time limit loses only itself), one log for
 # all, and the GPU's name and versions: at most 3 workloads x 2 + 2 = 8 files, the device tool's limit.
-#   WORKLOADS=gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k   (default; all: see `preftune bench --help`)
+#   WORKLOADS=gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-short (default; all: see `preftune bench --help`). gpu-1.5b-2k
+#                                                         needs ~115-120 GB without gradient checkpointing (review
+#                                                         estimate): an H200, or EXTRA="--preftune
+#                                                         train.gradient_checkpointing=true"
 #   EXTRA="--preftune train.compile=true"               (extra bench options, e.g. a preftune-only setting)
 #   STEPS="--warmup-steps 2 --steps 6"                   (fewer than the workloads' 3 + 10: three workloads fit
 #                                                         one device call; STEPS= for the full count)
@@ -23,11 +26,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|trl|datasets|accelerate|peft|pyarrow|fsspec|huggingface|regex|safetensors|tokenizers) " \
   | tee -a "$OUT/env.txt"
 # stop at once (not after every workload failed in turn) when the carried packages do not import
-"$PY" -c 'import torch, transformers, trl, datasets, peft, preftune.benchmark.systems; print("imports ok:",
-  torch.__version__, transformers.__version__, trl.__version__, datasets.__version__, torch.cuda.is_available())' \
+"$PY" -c 'import torch, transformers, trl, datasets, peft, preftune.benchmark.systems
+from trl import DPOConfig, DPOTrainer  # trl imports lazily: load the trainer module itself
+from transformers import LlamaForCausalLM
+print("imports ok:", torch.__version__, transformers.__version__, trl.__version__, datasets.__version__,
+      torch.cuda.is_available())' \
   2>&1 | tee -a "$OUT/env.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "imports failed: see $OUT/env.txt"; exit 1; }
-IFS=, read -ra names <<< "${WORKLOADS:-gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-2k}"
+IFS=, read -ra names <<< "${WORKLOADS:-gpu-0.4b-short,gpu-0.4b-2k,gpu-1.5b-short}"
 gate=""
 for w in "${names[@]}"; do
   echo "== $w"

@@ -95,3 +95,44 @@ def test_bench_precomputed_reference_mode_reaches_both_systems(tmp_path):
     assert rows[0]["flops_per_token"] == 6 * rows[0]["n_params"]  # no reference forward in the step
     assert "reference.mode=precomputed" in rows[0]["settings"]["overrides"]
     assert rows[1]["settings"]["effective"]["precompute_ref_log_probs"] == "True"
+
+
+def test_step_clock_reports_the_training_steps_gpu_peak(monkeypatch):
+    """On CUDA the peak statistics are reset once, after the first step: the reported peak is what the training
+    steps hold, the peak with model loading is kept beside it (CUDA calls faked: this machine has none)."""
+    import torch
+
+    from preftune.benchmark.systems import StepClock
+
+    allocated = iter([5.0, 3.0, 3.5])  # GiB: load + step 1, then two steady steps
+    resets = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(allocated) * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(True))
+    clock = StepClock(cuda=True)
+    try:
+        for _ in range(3):
+            clock._stamp(None, (), {})
+    finally:
+        clock.close()
+    assert resets == [True] and clock.gpu_gb == [5.0, 3.0, 3.5]
+    assert (clock.gpu_gb[-1], max(clock.gpu_gb)) == (3.5, 5.0)  # peak_gpu_gb, peak_gpu_gb_with_load
+
+
+def test_bench_writes_the_rows_after_every_child(tmp_path, monkeypatch):
+    """A run stopped part-way (a device's time limit) keeps the rows of the children that finished."""
+    from preftune.benchmark import runner
+
+    calls = []
+
+    def child(job, root, timeout_s):
+        calls.append(job["system"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the time limit strikes during the second child
+        return {"error": "first child failed on purpose"}
+
+    monkeypatch.setattr(runner, "_child", child)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--workloads", "tiny-cpu", "--skip-gate", "--precision", "fp32", "--out", str(out)]) == 130
+    rows = json.loads(out.read_text())
+    assert [(r["system"], r["error"]) for r in rows] == [("preftune", "first child failed on purpose")]

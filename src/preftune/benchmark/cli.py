@@ -95,11 +95,19 @@ def cmd_bench(args) -> int:
         return 2
     settings = Settings(optimizer=args.optimizer, precision=args.precision, reference=args.reference,
                         preftune_overrides=args.preftune)
+    out = Path(args.out) if args.out else None
+
+    def write_rows(rows: list[dict]) -> None:  # after every child: a run stopped by a time limit keeps its rows
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        tmp.replace(out)
+
     try:
         doc = run_benchmark(workloads=workloads, systems=args.systems.split(","), settings=settings, quick=args.quick,
                             repeat=args.repeat, steps=(args.warmup_steps, args.steps), gate=not args.skip_gate,
                             timeout_s=args.timeout, wait_busy=args.wait_quiet, peak_tflops=args.peak_tflops,
-                            log=lambda m: print(m, flush=True))
+                            log=lambda m: print(m, flush=True), on_row=write_rows if out else None)
     except GateError as exc:
         print(f"\nCORRECTNESS GATE FAILED: preftune and TRL do not compute the same thing; no timing was run.\n{exc}",
               file=sys.stderr)
@@ -109,10 +117,8 @@ def cmd_bench(args) -> int:
         return 2
     print()
     print(format_table(doc["summary"], doc["ratios"]))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc["rows"], indent=2), encoding="utf-8")
+    if out:
+        write_rows(doc["rows"])
         summary = summary_path(out)
         summary.write_text(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2), encoding="utf-8")
         print(f"\nwrote {out} (rows) and {summary} (settings, gate, summary, ratios)")

@@ -137,6 +137,7 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
             "step_cpu_s": statistics.median(result["step_cpu_s_list"]), "step_cpu_s_list": result["step_cpu_s_list"],
             "step_minflt": statistics.median(result["step_minflt_list"]),
             "peak_rss_gb": result["peak_rss_gb"], "peak_gpu_gb": result["peak_gpu_gb"],
+            "peak_gpu_gb_with_load": result.get("peak_gpu_gb_with_load"),
             "tokens_per_step": result["tokens_per_step"],
             "completion_tokens_per_step": job["completion_tokens_per_step"],
             "tokens_match_preftune": result.get("tokens_match", True),
@@ -228,9 +229,9 @@ def prepare_workload(workload: Workload, root: Path) -> dict:
 
 
 def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repeat: int, timeout_s: float,
-                  wait_busy: float | None, log) -> list[dict]:
-    """Every system on one workload, ``repeat`` times, alternating the order; one row per child."""
-    rows = []
+                  wait_busy: float | None, log, rows: list[dict], on_row) -> None:
+    """Every system on one workload, ``repeat`` times, alternating the order; appends one row per child to
+    ``rows`` and calls ``on_row(rows)`` after each."""
     for rep in range(repeat):
         for system in (systems if rep % 2 == 0 else systems[::-1]):
             job = {**base, "system": system, "rep": rep, "out_dir": str(root / f"{w.name}-{system}-{rep}")}
@@ -240,6 +241,8 @@ def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repea
             # other processes on the machine: a 1-minute load average above the core count means contention
             row.update(load_avg_1m=[load_before, os.getloadavg()[0]], cpu_busy_before=busy)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             if row["error"]:
                 shown = f"failed: {row['error'].splitlines()[-1] if row['error'].strip() else ''}"
             else:
@@ -248,13 +251,13 @@ def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repea
                 if row.get("phase_s"):
                     shown += "  [" + " ".join(f"{k} {v:.3f}" for k, v in row["phase_s"].items()) + "]"
             log(f"  {system:12} {shown}  (child {time.perf_counter() - t0:.0f} s, load {load_before:.1f})")
-    return rows
 
 
 def run_benchmark(*, workloads: list[str], systems: list[str], settings: Settings, quick: bool, repeat: int = 1,
                   steps: tuple[int | None, int | None] = (None, None), gate: bool = True, timeout_s: float = 1800,
-                  wait_busy: float | None = None, peak_tflops: float | None = None, log=print) -> dict:
-    """Everything ``preftune bench`` does but the printing of the final table; returns the JSON document."""
+                  wait_busy: float | None = None, peak_tflops: float | None = None, log=print, on_row=None) -> dict:
+    """Everything ``preftune bench`` does but the printing of the final table; returns the JSON document.
+    ``on_row(rows)`` is called after every child (the CLI writes the rows so far: a run cut short keeps them)."""
     unknown = [s for s in systems if s not in SYSTEMS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown system or workload: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)}; "
@@ -293,7 +296,7 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
             log(f"{name}: {w.model}, {w.n_pairs} pairs/step, prompt {prepared['prompt_tokens_mean']:.0f} + response "
                 f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "
                 f"{base['precision']}, {warm} warm-up + {timed} timed steps")
-            rows += _run_workload(w, systems, base, root, repeat, timeout_s, wait_busy, log)
+            _run_workload(w, systems, base, root, repeat, timeout_s, wait_busy, log, rows, on_row)
     summary = aggregate(rows)
     doc.update(rows=rows, summary=summary, ratios=ratios(summary))
     doc["meta"]["wall_s"] = time.time() - started

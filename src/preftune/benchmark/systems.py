@@ -8,7 +8,10 @@ step k is stamp(k) - stamp(k-1): a whole iteration (data and collate, forward, b
 logging), never model loading or data preparation. The first ``warmup_steps`` are not timed. The same hook records
 the process CPU time (all threads; a view less sensitive to other processes on a shared machine), minor page
 faults (fresh memory the kernel had to zero-fill), and peak memory: the RSS high-water mark of this process
-(``resource.getrusage``; it includes loading both models) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+(``resource.getrusage``; it includes loading both models) and, on CUDA, ``torch.cuda.max_memory_allocated`` over
+the steps after the first (the peak statistics are reset there, so the reported peak is what training holds, not
+a loading transient such as a reference converted to bf16 after loading in fp32; the whole process's peak is
+kept as ``peak_gpu_gb_with_load``).
 
 Systems:
 - ``preftune``: the real ``run_dpo`` (config overrides only). The final checkpoint and policy save are replaced by
@@ -58,6 +61,8 @@ class StepClock:
         if self.cuda:
             torch.cuda.synchronize()
             self.gpu_gb.append(torch.cuda.max_memory_allocated() / 2**30)
+            if len(self.gpu_gb) == 1:  # later peaks: the training steps' own, not model loading's transients
+                torch.cuda.reset_peak_memory_stats()
         self.times.append(time.perf_counter())
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu_s.append(usage.ru_utime + usage.ru_stime)
@@ -174,6 +179,7 @@ def run_job(job: dict) -> dict:
     return {
         "step_s_list": step_s, "step_cpu_s_list": step_cpu_s, "step_minflt_list": step_minflt,
         "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
+        "peak_gpu_gb_with_load": max(clock.gpu_gb) if cuda else None,
         "until_first_timed_step_s": clock.times[warm - 1] - start, "torch_threads": torch.get_num_threads(),
         "tokens_per_step": out.pop("tokens_per_step", job["tokens_per_step"]), "versions": versions, **out,
     }
