@@ -99,37 +99,40 @@ def collate_pairs_packed(pairs: list[TokenizedPair], pad_id: int, row_length: in
     return _prefix_shared_rows(pairs, pack_rows(lengths, max([row_length or 0] + lengths)), pad_id)
 
 
+def _lower_triangle(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
 def _prefix_shared_rows(pairs: list[TokenizedPair], rows_of_pairs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     n, n_rows = len(pairs), len(rows_of_pairs)
     length = max(sum(triple_length(pairs[i]) for i in row) for row in rows_of_pairs)
     input_ids = torch.full((n_rows, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, length), dtype=torch.long)
-    part = torch.full((n_rows, length), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
-    owner = torch.full((n_rows, length), -1, dtype=torch.long)  # the pair a position belongs to
+    # True = may attend. Filled block by block (only the triples' lower-triangular blocks are written): building
+    # it from full (R, T, T) comparisons took ~0.5 s per batch on 2 cores at 8 rows of 3.5k tokens
+    mask = torch.zeros((n_rows, length, length), dtype=torch.bool)
     rows, src, targets, segments = [], [], [], []
     for r, row in enumerate(rows_of_pairs):
         o = 0  # the triple's offset in the row
         for i in row:
             p = pairs[i]
             lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-            input_ids[r, o: o + lp + lc + lr] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
-            position_ids[r, o: o + lp + lc] = torch.arange(lp + lc)
-            position_ids[r, o + lp + lc: o + lp + lc + lr] = torch.arange(lp, lp + lr)
-            part[r, o: o + lp], part[r, o + lp: o + lp + lc], part[r, o + lp + lc: o + lp + lc + lr] = 0, 1, 2
-            owner[r, o: o + lp + lc + lr] = i
+            c, e = o + lp + lc, o + lp + lc + lr  # where the rejected response starts and ends
+            input_ids[r, o:e] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+            position_ids[r, o:c] = torch.arange(lp + lc)
+            position_ids[r, c:e] = torch.arange(lp, lp + lr)
+            # prompt and chosen: causal among themselves; rejected: the prompt, then causal among itself
+            mask[r, o:c, o:c] = _lower_triangle(lp + lc)
+            mask[r, c:e, o:o + lp] = True
+            mask[r, c:e, c:e] = _lower_triangle(lr)
             # chosen[k] is predicted by position lp-1+k; rejected[0] by lp-1, rejected[k>0] by lp+lc-1+k
             rows += [r] * (lc + lr)
             src += [o + lp - 1 + k for k in range(lc)] + [o + (lp - 1 if k == 0 else lp + lc - 1 + k) for k in range(lr)]
             targets += p.chosen_ids + p.rejected_ids
             segments += [i] * lc + [n + i] * lr
-            o += lp + lc + lr
-        used = o
-        position_ids[r, used:] = torch.arange(length - used)  # padding: any increasing positions
-    q, k = part[:, :, None], part[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_pair = owner[:, :, None] == owner[:, None, :]
-    visible = same_pair & ((k == 0) | ((q == k) & (q > 0)))
-    mask = (visible & causal & (q >= 0)) | (torch.eye(length, dtype=torch.bool) & (q < 0))
+            o = e
+        position_ids[r, o:] = torch.arange(length - o)  # padding: any increasing positions
+        mask[r, range(o, length), range(o, length)] = True  # padding attends to itself (no all-False softmax row)
     return _with_ref_logps({
         "input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
         "gather_rows": torch.tensor(rows), "gather_src": torch.tensor(src), "gather_targets": torch.tensor(targets),
