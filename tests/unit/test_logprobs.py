@@ -83,12 +83,18 @@ def test_gradients_flow_only_through_completion_logits(tiny_model, tiny_tokenize
     assert torch.isfinite(tiny_model.model.embed_tokens.weight.grad).all()
 
 
-def test_prefix_shared_layout_equals_padded_layout(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_shared_layout_equals_padded_layout(tiny_tokenizer, attention):
     """One [prompt][chosen][rejected] row per pair (prompt computed once) gives the same per-sequence log-probs
-    as separate padded rows, with pairs of different lengths (padding inside the batch)."""
+    as separate padded rows, with pairs of different lengths (padding inside the batch). Also with eager
+    attention, which adds the mask to its scores (given the boolean mask it was off by ~0.2 nats)."""
     from preftune.data.collate import collate_pairs_prefix_shared
+    from preftune.models.load import load_causal_lm
     from preftune.models.logprobs import batch_logps, completion_counts
 
+    tiny_model = load_causal_lm("tiny", seed=0)
+    tiny_model.set_attn_implementation(attention)
+    assert tiny_model.config._attn_implementation == attention
     items = _pairs(tiny_tokenizer)
     pad = tiny_tokenizer.pad_token_id
     padded = collate_pairs(items, pad)
@@ -100,6 +106,39 @@ def test_prefix_shared_layout_equals_padded_layout(tiny_model, tiny_tokenizer):
     # tokens/s accounting is layout-independent (the prompt counts once per sequence), while the row is shorter
     assert int(shared["n_positions"]) == int(padded["n_positions"])
     assert shared["input_ids"].numel() < padded["input_ids"].numel()
+
+
+def test_prefix_shared_mask_is_converted_once_for_all_layers(tiny_model, tiny_tokenizer):
+    """Every attention layer gets the same additive mask tensor in the attention's dtype (SDPA would otherwise
+    convert the boolean one again in each layer and keep each copy for the backward), and the result is
+    bit-identical to the boolean mask's, forward and backward, in fp32 and under bf16 autocast."""
+    from preftune.data.collate import collate_pairs_prefix_shared
+    from preftune.models.logprobs import additive_mask, autocast_context, batch_logps
+
+    batch = collate_pairs_prefix_shared(_pairs(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    seen = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]),
+                                                       with_kwargs=True) for layer in tiny_model.model.layers]
+    try:
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            seen.clear()
+            with autocast_context(torch.device("cpu"), precision):
+                batch_logps(tiny_model, batch)
+            assert len(seen) == len(tiny_model.model.layers) and all(m is seen[0] for m in seen)
+            assert seen[0].dtype == dtype and torch.equal(seen[0] == 0, batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+    results = []
+    for mask in (batch["attention_mask"], additive_mask(batch["attention_mask"], torch.bfloat16)):
+        tiny_model.zero_grad()
+        with autocast_context(torch.device("cpu"), "bf16"):
+            hidden = tiny_model.model(input_ids=batch["input_ids"], attention_mask=mask,
+                                      position_ids=batch["position_ids"]).last_hidden_state
+        hidden.float().square().sum().backward()
+        results.append((hidden.detach(), tiny_model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    tiny_model.zero_grad()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_prefix_shared_mask_hides_chosen_from_rejected(tiny_tokenizer):
