@@ -317,3 +317,19 @@ def test_fused_head_refuses_a_second_backward():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         out.backward()
+
+
+def test_batch_to_keeps_the_counts_python_reads_on_the_host(tiny_tokenizer):
+    """Counts read with int() stay on the host (on a GPU reading them would wait for the queued kernels); every
+    other tensor moves ("meta" stands in for a GPU here). Completion counts need no data-sized output."""
+    from preftune.data.collate import batch_to, collate_pairs_prefix_shared
+    from preftune.models.logprobs import completion_counts
+
+    items = _pairs(tiny_tokenizer)
+    for batch in (collate_pairs(items, tiny_tokenizer.pad_token_id),
+                  collate_pairs_prefix_shared(items, tiny_tokenizer.pad_token_id)):
+        moved = batch_to(batch, "meta")
+        assert {k for k, v in moved.items() if v.device.type == "cpu"} == {"n_pairs", "n_positions"}
+        assert all(v.device.type == "meta" for k, v in moved.items() if k not in ("n_pairs", "n_positions"))
+        assert completion_counts(batch).tolist() == [len(p.chosen_ids) for p in items] + \
+            [len(p.rejected_ids) for p in items]

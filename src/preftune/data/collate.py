@@ -13,7 +13,8 @@ from preftune.models.logprobs import IGNORE_INDEX
 
 
 def _pad_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (prompt, response) rows into input_ids, attention_mask and labels, each (N, T)."""
+    """Right-pad (prompt, response) rows into input_ids, attention_mask and labels, each (N, T), and
+    ``n_positions`` (scalar): the non-padding tokens."""
     length = max(len(p) + len(r) for p, r in sequences)
     n = len(sequences)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
@@ -24,7 +25,8 @@ def _pad_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
         labels[i, len(prompt): len(ids)] = torch.tensor(response, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "n_positions": attention_mask.sum()}
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -33,7 +35,6 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     batch = _pad_rows(rows, pad_id)
     batch["n_pairs"] = torch.tensor(len(pairs))
-    batch["n_positions"] = batch["attention_mask"].sum()
     return _with_ref_logps(batch, pairs)
 
 
@@ -42,6 +43,12 @@ def _with_ref_logps(batch: dict[str, torch.Tensor], pairs: list[TokenizedPair]) 
         batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs],
                                           dtype=torch.float32)
     return batch
+
+
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The batch on ``device``, except its 0-dim counts (``n_pairs``, ``n_positions``): Python reads those
+    (``int(batch["n_pairs"])``), and reading one from a GPU would wait for every queued kernel."""
+    return {k: v if v.dim() == 0 else v.to(device) for k, v in batch.items()}
 
 
 def collate_examples(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

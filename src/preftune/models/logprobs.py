@@ -238,8 +238,15 @@ def sequence_logps(
 
 def _segment_sums(tok: torch.Tensor, segments: torch.Tensor, n: int) -> SequenceLogps:
     logps = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, segments, tok)
-    n_tokens = torch.bincount(segments, minlength=n).to(torch.float32)
+    n_tokens = _counts(segments, n)
     return SequenceLogps(logps=logps, n_tokens=n_tokens)
+
+
+def _counts(segments: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) fp32 occurrences of each segment id (exact below 2**24). ``torch.bincount`` would size its output
+    from the data, a host sync on a GPU."""
+    return torch.zeros(n, dtype=torch.float32, device=segments.device).index_add_(
+        0, segments, torch.ones(segments.shape, dtype=torch.float32, device=segments.device))
 
 
 def batch_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
@@ -256,7 +263,7 @@ def batch_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLog
 def completion_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) number of completion tokens per sequence, for either layout (no forward pass)."""
     if "gather_segments" in batch:
-        return torch.bincount(batch["gather_segments"], minlength=2 * int(batch["n_pairs"])).to(torch.float32)
+        return _counts(batch["gather_segments"], 2 * int(batch["n_pairs"]))
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).to(torch.float32)
 
 

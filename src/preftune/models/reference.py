@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.data.collate import collate_pairs
+from preftune.data.collate import batch_to, collate_pairs
 from preftune.data.tokenize import TokenizedPair
 from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps, completion_counts, sequence_logps
 from preftune.paths import cache_dir
@@ -142,7 +142,7 @@ def compute_logps(model: torch.nn.Module, items: list[TokenizedPair], pad_id: in
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        batch = batch_to(collate_pairs(chunk, pad_id), device)
         with autocast_context(device, precision):
             logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
         n = len(chunk)

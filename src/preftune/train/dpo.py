@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config, ConfigError
-from preftune.data.collate import collate_pairs, pair_collator, triple_length
+from preftune.data.collate import batch_to, collate_pairs, pair_collator, triple_length
 from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pair
 from preftune.losses import PreferenceLoss, get_loss, loss_params
@@ -118,7 +118,7 @@ def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_i
     policy.eval()
     acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size], pad_id).items()}
+        batch = batch_to(collate(items[start:start + batch_size], pad_id), device)
         with autocast_context(device, precision):
             stats = dpo_forward(policy, reference, loss_fn, batch, sft_weight).stats
         for name, (s, c) in stats.items():

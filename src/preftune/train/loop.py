@@ -22,6 +22,7 @@ import torch
 
 from preftune import faults
 from preftune.config import TrainConfig
+from preftune.data.collate import batch_to
 from preftune.models.logprobs import autocast_context
 from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from preftune.train.optim import build_optimizer
@@ -201,7 +202,7 @@ def fit(
             timer.lap("data", host=True)
             for batch in micro:
                 with autocast_context(device, precision):
-                    out = step_fn({k: v.to(device) for k, v in batch.items()})
+                    out = step_fn(batch_to(batch, device))
                 timer.lap("forward")
                 (out.loss / max(total_weight, 1.0)).backward()
                 timer.lap("backward")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config, ConfigError
-from preftune.data.collate import collate_pairs
+from preftune.data.collate import batch_to, collate_pairs
 from preftune.data.tokenize import TokenizedPair
 from preftune.models.load import load_tokenizer
 from preftune.models.logprobs import autocast_context
@@ -90,7 +90,7 @@ def reward_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 def reward_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
     losses, stats = reward_forward(model, batch)
-    return StepOutput(loss=losses.sum(), stats=stats, tokens=int(batch["attention_mask"].sum()),
+    return StepOutput(loss=losses.sum(), stats=stats, tokens=int(batch["n_positions"]),
                       pairs=int(batch["input_ids"].shape[0] // 2))
 
 
@@ -102,7 +102,7 @@ def evaluate_reward(model: torch.nn.Module, items: list[TokenizedPair], pad_id: 
     model.eval()
     acc: Stats = {}
     for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(items[start:start + batch_size], pad_id).items()}
+        batch = batch_to(collate_pairs(items[start:start + batch_size], pad_id), device)
         with autocast_context(device, precision):
             _, stats = reward_forward(model, batch)
         for name, (s, c) in stats.items():

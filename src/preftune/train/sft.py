@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config
-from preftune.data.collate import collate_examples
+from preftune.data.collate import batch_to, collate_examples
 from preftune.data.records import read_sft_examples
 from preftune.data.tokenize import TokenizedExample, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
@@ -42,7 +42,7 @@ def sft_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 def sft_step(model, batch) -> StepOutput:
     nll, n_tokens = sft_forward(model, batch)
     return StepOutput(loss=nll, stats={"loss": (nll.detach(), n_tokens)},
-                      tokens=int(batch["attention_mask"].sum()), pairs=int(batch["input_ids"].shape[0]))
+                      tokens=int(batch["n_positions"]), pairs=int(batch["input_ids"].shape[0]))
 
 
 def _weight(batch: dict[str, torch.Tensor]) -> float:
@@ -54,7 +54,7 @@ def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_examples(items[start:start + batch_size], pad_id).items()}
+        batch = batch_to(collate_examples(items[start:start + batch_size], pad_id), device)
         nll, n = sft_forward(model, batch)
         total, count = total + nll, count + n
     loss = (total / count.clamp(min=1)).item()
