@@ -257,6 +257,51 @@ def test_auto_layout_shares_the_prompt_when_it_saves_a_tenth_of_the_positions():
     assert resolve_layout(load_config(None, ["train.layout=packed"]), items(5, 50)) == "packed"
 
 
+def test_shared_layouts_are_kept_within_a_sliding_attention_window():
+    """The prefix-shared and packed layouts give the model its own (T, T) mask, which transformers uses as given,
+    so a sliding-window model attends past its window there: measured on a tiny random Mistral with a 4-token
+    window, shared and padded log-probs differ (by ~0.27 nats on 14-token sequences) and agree exactly with a
+    64-token window. Such sequences get the padded layout (auto) or a config error (explicit)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from preftune.config import ConfigError, load_config
+    from preftune.data.collate import collate_pairs, collate_pairs_prefix_shared
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.models.logprobs import batch_logps
+    from preftune.train.dpo import resolve_layout, sliding_window
+
+    pairs = [TokenizedPair(list(range(1, 9)), list(range(10, 16)), list(range(20, 27)), "x")]  # longest: 15
+    diffs = {}
+    for window in (4, 64):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 sliding_window=window)).eval()
+        with torch.no_grad():
+            padded = batch_logps(model, collate_pairs(pairs, 0)).logps
+            shared = batch_logps(model, collate_pairs_prefix_shared(pairs, 0)).logps
+        diffs[window] = (padded - shared).abs().max().item()
+        assert sliding_window(model.config) == window
+    assert diffs[4] > 0.05 and diffs[64] == 0.0
+
+    auto = load_config(None, [])
+    mistral = SimpleNamespace(sliding_window=4)
+    assert resolve_layout(auto, pairs) == "prefix_shared"
+    assert resolve_layout(auto, pairs, mistral) == "padded"
+    assert resolve_layout(auto, pairs, SimpleNamespace(sliding_window=15)) == "prefix_shared"  # within the window
+    for layout in ("prefix_shared", "packed"):
+        with pytest.raises(ConfigError, match="train.layout.*sliding attention window.*15 tokens"):
+            resolve_layout(load_config(None, [f"train.layout={layout}"]), pairs, mistral)
+    # configs that name a window their layers do not use (Qwen2's default) or have none
+    assert sliding_window(SimpleNamespace(sliding_window=4096, use_sliding_window=False)) is None
+    assert sliding_window(SimpleNamespace(sliding_window=4096, layer_types=["full_attention"] * 2)) is None
+    assert sliding_window(SimpleNamespace(sliding_window=512, layer_types=["sliding_attention", "full_attention"])) == 512
+    assert sliding_window(SimpleNamespace()) is None
+
+
 def test_train_tf32_turns_on_tf32_matmuls_process_wide(monkeypatch):
     """train.tf32=true sets torch's CUDA fp32-matmul precision to TF32 (the flag is settable without a GPU);
     false leaves torch's setting alone."""
