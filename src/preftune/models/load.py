@@ -212,15 +212,31 @@ def build_tiny(seed: int = 0) -> nn.Module:
     return model
 
 
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or "pdrop" in name
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to zero (module and config level)."""
+    """Set every dropout probability to zero: dropout modules, every float config field named like a dropout
+    (sub-configs included), and the float copies many models take from their config when built and pass to
+    functional dropout in train mode (OPT's ``layer.dropout``, Llama's ``attention_dropout``, BioGPT's copy of
+    ``hidden_dropout_prob``): zeroing the config and modules alone left those on."""
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+        for name, value in vars(module).items():
+            if _is_dropout_name(name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    configs = [getattr(model, "config", None)]
+    while configs:
+        config = configs.pop()
+        if config is None:
+            continue
+        for name, value in vars(config).items():
+            if _is_dropout_name(name) and isinstance(value, float):
+                setattr(config, name, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config (text_config, ...)
+                configs.append(value)
 
 
 def load_causal_lm(spec: str, *, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
