@@ -175,6 +175,9 @@ def _validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
     d, t = cfg.data, cfg.train
+    if d.max_prompt_tokens < 1:
+        raise ConfigError("config key 'data.max_prompt_tokens' must be >= 1: the last prompt token predicts the "
+                          "first response token")
     if d.max_prompt_tokens >= d.max_length:
         raise ConfigError("config key 'data.max_prompt_tokens' must be below 'data.max_length' (responses need room)")
     if not 0.0 <= d.eval_fraction < 1.0:

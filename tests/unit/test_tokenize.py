@@ -474,3 +474,19 @@ def test_file_digest_is_remembered_on_disk_and_never_stale(tmp_path, monkeypatch
         memo.write_text("not a digest")
     monkeypatch.setattr(load, "_DIGESTS", {})
     assert load.file_digest(path) == hashlib.sha256(b"other").hexdigest() and len(hashed) == 2
+
+
+def test_a_prompt_of_no_tokens_is_refused(tok, monkeypatch):
+    """Nothing would predict the first response token: the padded layout dropped it and the shared layouts read
+    it from the row's last position (chosen log-probs up to 5 nats apart between layouts)."""
+    from preftune.config import ConfigError, load_config
+    from preftune.data import tokenize
+
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens.*>= 1"):
+        load_config(None, ["data.max_prompt_tokens=0"])
+    with pytest.raises(ValueError, match="max_prompt_tokens.*>= 1"):
+        tokenize_pair(tok, pair("Hello there", " yes", " no"), max_length=16, max_prompt_tokens=0)
+    monkeypatch.setattr(tokenize, "encode_prompt", lambda tokenizer, prompt: [])  # a prompt that encodes to nothing
+    with pytest.raises(DataError, match="prefs.jsonl.*7.*prompt.*empty after tokenisation"):
+        tokenize_pair(tok, PreferencePair("nothing", " yes", " no", "prefs.jsonl:7"), max_length=16,
+                      max_prompt_tokens=8)

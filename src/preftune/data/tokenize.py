@@ -87,16 +87,21 @@ def encode_response(tokenizer, prompt: Text, response: Text, *, append_eos: bool
     return ids
 
 
+def _prompt_error(source: str, message: str) -> DataError:
+    file, _, line = source.rpartition(":")
+    if not line.isdigit():
+        file, line = source, ""
+    return DataError(file, int(line) if line else None, "prompt", message)
+
+
 def _fit_prompt(ids: list[int], limit: int, tokenizer, overflow: str, source: str,
                 stats: TruncationStats) -> list[int]:
+    if not ids:  # nothing would predict the first response token (the layouts would disagree on it)
+        raise _prompt_error(source, "prompt is empty after tokenisation")
     if len(ids) <= limit:
         return ids
     if overflow == "error":
-        file, _, line = source.rpartition(":")
-        if not line.isdigit():
-            file, line = source, ""
-        raise DataError(file, int(line) if line else None, "prompt",
-                        f"prompt has {len(ids)} tokens, over data.max_prompt_tokens={limit}")
+        raise _prompt_error(source, f"prompt has {len(ids)} tokens, over data.max_prompt_tokens={limit}")
     stats.prompts_truncated += 1
     bos = tokenizer.bos_token_id
     if bos is not None and ids[0] == bos and _adds_bos(tokenizer):
@@ -120,6 +125,9 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def _check_budget(max_length: int, max_prompt_tokens: int) -> None:
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens ({max_prompt_tokens}) must be >= 1: the last prompt token predicts the "
+                         "first response token")
     if max_prompt_tokens >= max_length:
         raise ValueError(f"max_prompt_tokens ({max_prompt_tokens}) must be below max_length ({max_length}): "
                          "responses need at least one token")
