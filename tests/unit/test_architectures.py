@@ -69,3 +69,39 @@ def test_bf16_reference_is_bit_identical_for_a_bias_added_outside_linear():
         got = frozen.logps(batch).logps
     assert torch.equal(got, expected)
     assert any(p.dtype == torch.bfloat16 for p in reference.parameters())  # the weights were converted
+
+
+def _manual_logps(model, prompt: list[int], response: list[int]) -> float:
+    """Reference: one unpadded sequence, the model's own logits, fp64 log-softmax, summed over the response."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].double()
+    logp = logits.log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(response))
+
+
+@pytest.mark.parametrize("name", ["granite", "cohere", "gemma2", "llama"])
+def test_log_probs_of_models_that_post_process_their_logits(name):
+    """Only completion positions go through the LM head when the logits are a plain linear map of the last
+    hidden state; a first-call probe sends other models through their full forward. Granite's logits_scaling
+    was missed by the list of config names this replaced (0.6-4 nats off)."""
+    from preftune.data.collate import collate_pairs
+    from preftune.data.tokenize import TokenizedPair
+    from preftune.models.logprobs import _split_head, batch_logps
+
+    common = dict(**SMALL, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
+    config = {"granite": lambda: T.GraniteConfig(**common, logits_scaling=4.0),
+              "cohere": lambda: T.CohereConfig(**common, logit_scale=0.25),
+              "gemma2": lambda: T.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0),
+              "llama": lambda: T.LlamaConfig(**common)}[name]()
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logits large enough for scaling or capping to matter
+    pairs = [TokenizedPair(list(range(3, 9)), list(range(20, 25)), list(range(40, 47)), "x"),
+             TokenizedPair(list(range(60, 63)), list(range(70, 78)), list(range(90, 93)), "y")]
+    with torch.no_grad():
+        got = batch_logps(model, collate_pairs(pairs, 0)).logps
+    expected = [_manual_logps(model, p.prompt_ids, p.chosen_ids) for p in pairs] + \
+               [_manual_logps(model, p.prompt_ids, p.rejected_ids) for p in pairs]
+    assert got.tolist() == pytest.approx(expected, abs=2e-4)
+    assert (_split_head(model) is not None) == (name == "llama")  # the fast path where it is exact

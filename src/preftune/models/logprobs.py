@@ -11,6 +11,7 @@ materialised (for SmolLM2 a (B, T, 49152) fp32 tensor is the largest thing a nai
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +33,41 @@ class SequenceLogps:
         return self.logps / self.n_tokens.clamp(min=1)
 
 
+_SPLIT_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder body, lm_head) when the model exposes them and its logits are a plain linear map of the
-    last hidden state; None otherwise (then the full forward is used)."""
+    last hidden state; None otherwise (then the full forward is used).
+
+    Models that post-process their logits (Gemma 2's soft-capping, Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, RecurrentGemma's ``logits_soft_cap``, ...) must not take the split path. Rather than
+    trust a list of config names, the first call for each model compares ``lm_head(decoder(x))`` with the
+    model's own logits on three tokens, and remembers the answer."""
     get_decoder = getattr(model, "get_decoder", None)
     get_head = getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:
         return None
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "output_multiplier")):
-        return None
     decoder, head = get_decoder(), get_head()
     if decoder is None or not isinstance(head, nn.Linear) or decoder is model:
         return None
-    return decoder, head
+    if model not in _SPLIT_CHECKED:
+        _SPLIT_CHECKED[model] = _head_is_plain(model, decoder, head)
+    return (decoder, head) if _SPLIT_CHECKED[model] else None
+
+
+@torch.no_grad()
+def _head_is_plain(model: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
+    """Whether the model's logits are exactly ``head(decoder(x).last_hidden_state)`` (same precision, eager:
+    a compiled decoder is not compiled for the probe's shape)."""
+    ids = torch.arange(3, device=head.weight.device)[None] % head.weight.shape[0]
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            full = model(input_ids=ids, use_cache=False).logits
+            split = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+    except Exception:  # noqa: BLE001 - a model the probe cannot drive takes the full forward, which is always right
+        return False
+    return full.shape == split.shape and torch.allclose(full.float(), split.float(), rtol=1e-5, atol=1e-5)
 
 
 def _head_grad_dtype(device: torch.device) -> torch.dtype:
