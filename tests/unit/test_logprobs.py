@@ -116,6 +116,7 @@ def test_prefix_shared_mask_is_converted_once_for_all_layers(tiny_model, tiny_to
     from preftune.models.logprobs import additive_mask, autocast_context, batch_logps
 
     batch = collate_pairs_prefix_shared(_pairs(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    assert lp._split_head(tiny_model) is not None  # its one-off probe forward runs before the hooks
     seen = []
     hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]),
                                                        with_kwargs=True) for layer in tiny_model.model.layers]
