@@ -105,3 +105,62 @@ def test_log_probs_of_models_that_post_process_their_logits(name):
                [_manual_logps(model, p.prompt_ids, p.rejected_ids) for p in pairs]
     assert got.tolist() == pytest.approx(expected, abs=2e-4)
     assert (_split_head(model) is not None) == (name == "llama")  # the fast path where it is exact
+
+
+def _pairs_over(n_pairs: int, seed: int = 0):
+    from preftune.data.tokenize import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    return [TokenizedPair(ids(8), ids(6), ids(7), f"x:{i}") for i in range(n_pairs)]
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("llama", None),
+    ("mpt", "differ from the padded layout"),  # ALiBi biases by place in the row: rejected off by 0.26 nats
+    ("lfm2", "conv layers do not follow an attention mask"),  # its conv layers see chosen from rejected
+])
+def test_shared_layouts_only_for_models_that_honour_the_mask(name, problem):
+    """prefix_shared / packed rely on every layer following the given mask and position ids. Where a layer does
+    not, ``auto`` falls back to padded and an explicit shared layout is a config error."""
+    from preftune.config import ConfigError, load_config
+    from preftune.data.collate import collate_pairs, collate_pairs_prefix_shared
+    from preftune.models.logprobs import batch_logps
+    from preftune.train.layout import resolve_layout, shared_layout_problem
+
+    common = dict(**SMALL, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
+    config = {"llama": lambda: T.LlamaConfig(**common),
+              "mpt": lambda: T.MptConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=256),
+              "lfm2": lambda: T.Lfm2Config(**common, layer_types=["conv", "full_attention"],
+                                           initializer_range=0.3)}[name]()
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    found = shared_layout_problem(model)
+    assert (found is None) if problem is None else (problem in found), found
+    pairs = _pairs_over(3)
+    with torch.no_grad():
+        gap = (batch_logps(model, collate_pairs(pairs, 0)).logps
+               - batch_logps(model, collate_pairs_prefix_shared(pairs, 0)).logps).abs().max().item()
+    assert (gap < 1e-4) == (problem is None), gap  # the probe's verdict is the layouts' real behaviour
+    auto, explicit = load_config(None, []), load_config(None, ["train.layout=prefix_shared"])
+    if problem is None:
+        assert resolve_layout(auto, pairs, model=model) == resolve_layout(explicit, pairs, model=model) == \
+            "prefix_shared"
+    else:
+        assert resolve_layout(auto, pairs, model=model) == "padded"
+        with pytest.raises(ConfigError, match="train.layout.*would change this model's log-probs"):
+            resolve_layout(explicit, pairs, model=model)
+
+
+def test_attention_windows_under_other_config_names():
+    """GPT-Neo's window_size and Llama 4's attention_chunk_size are windows too (a shared layout past them was
+    0.04-2.4 nats off); a window the layers do not use does not count."""
+    from types import SimpleNamespace
+
+    from preftune.train.layout import sliding_window
+
+    assert sliding_window(T.GPTNeoConfig(window_size=256)) == 256
+    assert sliding_window(T.Llama4TextConfig(attention_chunk_size=8)) == 8
+    assert sliding_window(T.Gemma3TextConfig(sliding_window=512)) == 512
+    assert sliding_window(T.Qwen2Config()) is None and sliding_window(T.LlamaConfig()) is None
+    assert sliding_window(SimpleNamespace(sliding_window=64, use_sliding_window=False)) is None

@@ -244,7 +244,7 @@ def test_cli_rejects_an_unknown_loss_with_status_2(monkeypatch, capsys):
 def test_auto_layout_shares_the_prompt_when_it_saves_a_tenth_of_the_positions():
     from preftune.config import load_config
     from preftune.data.tokenize import TokenizedPair
-    from preftune.train.dpo import resolve_layout
+    from preftune.train.layout import resolve_layout
 
     def items(prompt, response):
         return [TokenizedPair([1] * prompt, [2] * response, [3] * response, "x")] * 3
@@ -271,7 +271,7 @@ def test_shared_layouts_are_kept_within_a_sliding_attention_window():
     from preftune.data.collate import collate_pairs, collate_pairs_prefix_shared
     from preftune.data.tokenize import TokenizedPair
     from preftune.models.logprobs import batch_logps
-    from preftune.train.dpo import resolve_layout, sliding_window
+    from preftune.train.layout import resolve_layout, sliding_window
 
     pairs = [TokenizedPair(list(range(1, 9)), list(range(10, 16)), list(range(20, 27)), "x")]  # longest: 15
     diffs = {}
@@ -293,7 +293,7 @@ def test_shared_layouts_are_kept_within_a_sliding_attention_window():
     assert resolve_layout(auto, pairs, mistral) == "padded"
     assert resolve_layout(auto, pairs, SimpleNamespace(sliding_window=15)) == "prefix_shared"  # within the window
     for layout in ("prefix_shared", "packed"):
-        with pytest.raises(ConfigError, match="train.layout.*sliding attention window.*15 tokens"):
+        with pytest.raises(ConfigError, match="train.layout.*15 tokens, over the model's 4-token sliding"):
             resolve_layout(load_config(None, [f"train.layout={layout}"]), pairs, mistral)
     # configs that name a window their layers do not use (Qwen2's default) or have none
     assert sliding_window(SimpleNamespace(sliding_window=4096, use_sliding_window=False)) is None

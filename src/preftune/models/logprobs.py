@@ -56,6 +56,12 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (decoder, head) if _SPLIT_CHECKED[model] else None
 
 
+def uses_split_head(model: nn.Module) -> bool:
+    """Whether log-probs of ``model`` take the decoder + chunked-head path; runs the one-off probe now if it has
+    not run (callers that hook the decoder call this first, so the probe's forwards do not reach their hooks)."""
+    return _split_head(model) is not None
+
+
 @torch.no_grad()
 def _head_is_plain(model: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
     """Whether the model's logits are exactly ``head(decoder(x).last_hidden_state)`` (same precision, eager:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from preftune.models.logprobs import IGNORE_INDEX, autocast_context, token_logps
+from preftune.models.logprobs import IGNORE_INDEX, autocast_context, token_logps, uses_split_head
 from preftune.rl.ppo_math import (clipped_policy_loss, clipped_value_loss, gae, kl_shaped_rewards, to_grid,
                                   token_entropy, whiten)
 
@@ -28,6 +28,7 @@ class PolicyWithValue(nn.Module):
         self.value_head = nn.Linear(policy.get_output_embeddings().in_features, 1, dtype=torch.float32)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        uses_split_head(policy)  # the head probe's own forwards come now, not inside forward()'s decoder hook
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

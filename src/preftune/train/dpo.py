@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config, ConfigError
-from preftune.data.collate import batch_to, collate_pairs, pair_collator, triple_length
+from preftune.data.collate import batch_to, collate_pairs, pair_collator
 from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pair
 from preftune.losses import PreferenceLoss, get_loss, loss_params
@@ -21,6 +21,7 @@ from preftune.models.reference import (AdapterReference, FrozenReference, Precom
                                        weights_identity)
 from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
                                    setup_threads)
+from preftune.train.layout import resolve_layout
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
 
@@ -127,45 +128,6 @@ def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_i
     return {name: (s / c).item() for name, (s, c) in acc.items()}
 
 
-def sliding_window(model_config) -> int | None:
-    """The attention window of a model whose layers (some or all) attend over a sliding window, else None."""
-    window = getattr(model_config, "sliding_window", None)
-    layer_types = getattr(model_config, "layer_types", None)
-    if not window or getattr(model_config, "use_sliding_window", True) is False:
-        return None
-    if layer_types is not None and not any("sliding" in str(t) for t in layer_types):
-        return None
-    return int(window)
-
-
-def resolve_layout(cfg: Config, items: list[TokenizedPair], model_config=None) -> str:
-    """``auto``: share the prompt (``prefix_shared``, one row per pair) when that removes at least 10% of the
-    positions the padded layout computes (two rows of prompt + the longer response per pair), else ``padded``.
-    Measured on this 2-core CPU (bench/profile_step.py): 20-token prompts with 50-token responses (14% fewer
-    positions) ran 1.12x faster shared; HH pairs 1.63x; with a few-token prompt the saving is under the cost of
-    the dense (T, T) mask. ``packed`` is never picked automatically: with a dense mask its longer rows cost
-    attention time that outweighs the padding they save on a CPU (HH: 1.08 vs 1.19 pairs/s).
-
-    The shared layouts hand the model its own (T, T) mask, which transformers uses as given: a sliding-window
-    model would attend past its window. So they are only used where no sequence is longer than the window."""
-    window = sliding_window(model_config)
-    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in items), default=0)
-    too_long = window is not None and longest > window
-    if cfg.train.layout != "auto":
-        if too_long and cfg.train.layout in ("prefix_shared", "packed"):
-            raise ConfigError(f"config key 'train.layout': {cfg.train.layout} cannot apply this model's "
-                              f"{window}-token sliding attention window, and a sequence has {longest} tokens; "
-                              "use train.layout=padded (or auto)")
-        return cfg.train.layout
-    if too_long:
-        log.info("layout: padded (a sequence of %d tokens exceeds the model's %d-token sliding window)", longest,
-                 window)
-        return "padded"
-    shared = sum(triple_length(p) for p in items)
-    padded = sum(2 * (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))) for p in items)
-    return "prefix_shared" if items and shared <= 0.9 * padded else "padded"
-
-
 def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
     mode = cfg.reference.mode
     if not loss_fn.needs_reference:
@@ -237,7 +199,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     policy, reference, splits = build_policy_and_reference(
         cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision)
     train_items, eval_items = splits["train"], splits["eval"]
-    layout = resolve_layout(cfg, train_items + eval_items, getattr(policy, "config", None))
+    layout = resolve_layout(cfg, train_items + eval_items, model=policy)
     log.info("DPO on %s: %d train / %d eval pairs, device=%s precision=%s layout=%s loss=%s (change with "
              "train.precision / train.layout / dpo.loss)", cfg.model, len(train_items), len(eval_items), device,
              precision, layout, loss_fn.name)
