@@ -490,3 +490,23 @@ def test_a_prompt_of_no_tokens_is_refused(tok, monkeypatch):
     with pytest.raises(DataError, match="prefs.jsonl.*7.*prompt.*empty after tokenisation"):
         tokenize_pair(tok, PreferencePair("nothing", " yes", " no", "prefs.jsonl:7"), max_length=16,
                       max_prompt_tokens=8)
+
+
+def test_a_multi_turn_response_keeps_every_turn(tok):
+    """A conversation response holds one EOS per turn (ChatML's <|im_end|>): the response runs to its last EOS.
+    Cutting at the first one dropped the later turns silently, and this explicit pair (same first assistant
+    turn) became chosen == rejected: zero gradient, counted as a wrong answer."""
+    from preftune.data.records import validate_pair
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    record = {"prompt": [turn("user", "Plan a trip")],
+              "chosen": [turn("assistant", "Sure."), turn("user", "Where?"), turn("assistant", "Paris, by train.")],
+              "rejected": [turn("assistant", "Sure."), turn("user", "Where?"), turn("assistant", "Nowhere.")]}
+    stats = TruncationStats()
+    tp = tokenize_pair(tok, validate_pair(record, "f.jsonl", 3), max_length=256, max_prompt_tokens=128, stats=stats)
+    assert tp.chosen_ids != tp.rejected_ids and stats.responses_truncated == 0
+    chosen = tok.decode(tp.chosen_ids)
+    assert chosen.startswith("Sure.") and chosen.endswith("Paris, by train.<|im_end|>")
+    assert tp.chosen_ids.count(tok.eos_token_id) == 3 and tp.chosen_ids[-1] == tok.eos_token_id  # one per turn

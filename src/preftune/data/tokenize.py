@@ -79,9 +79,10 @@ def encode_response(tokenizer, prompt: Text, response: Text, *, append_eos: bool
             raise ValueError("chat template is not prefix-consistent: the rendered prompt is not a prefix "
                              "of the rendered prompt + response")
         ids = list(tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"])
-        # ChatML-style templates end a turn with "<|im_end|>\n": the turn ends at EOS, drop what follows.
+        # ChatML-style templates end a turn with "<|im_end|>\n": the response ends at its LAST EOS, drop what
+        # follows (a multi-turn response holds one EOS per turn: cutting at the first dropped the later turns)
         if eos is not None and eos in ids:
-            ids = ids[: ids.index(eos) + 1]
+            ids = ids[: len(ids) - ids[::-1].index(eos)]
     if append_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     return ids
