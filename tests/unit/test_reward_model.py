@@ -193,6 +193,36 @@ def test_rm_scorer_without_eos_when_trained_without(rm, tiny_tokenizer, tmp_path
         [_direct_score(rm, tiny_tokenizer(text)["input_ids"])], abs=1e-5)
 
 
+def test_rm_scorer_scores_ppo_samples_on_their_own_tokens(rm, tiny_tokenizer, tmp_path):
+    """PPO's samples are scored on the tokens it sampled: a completion cut by the length limit stays without EOS
+    and a token split that decoding + re-encoding would merge is kept (the text path changed nearly every
+    sample's tokens). A reward model with another vocabulary reads the texts."""
+    from preftune.eval.sampling import Sample
+    from preftune.eval.scorers import get_scorer
+
+    rm.info.update(base_model="tiny", seed=0, append_eos=True)
+    rm.normalization = None
+    scorer = get_scorer(f"rm:{rm.save(tmp_path / 'rm', tiny_tokenizer)}")
+    prompt = tiny_tokenizer("The movie was")["input_ids"]
+    split = [tiny_tokenizer.convert_tokens_to_ids(t) for t in ("Ġwon", "der", "ful")]  # BPE would say "Ġwonderful"
+    eos = tiny_tokenizer.eos_token_id
+    samples = [Sample("The movie was", " wonderful", prompt, split),  # cut: no EOS
+               Sample("The movie was", " dull.", prompt, tiny_tokenizer(" dull.")["input_ids"] + [eos])]
+    assert tiny_tokenizer(" wonderful")["input_ids"] != split
+    got = scorer.score_samples(samples, tiny_tokenizer)
+    assert got == pytest.approx([_direct_score(rm, prompt + split), _direct_score(rm, samples[1].prompt_ids
+                                                                                   + samples[1].completion_ids)],
+                                abs=1e-5)
+    assert got[0] != pytest.approx(scorer(["The movie was wonderful"])[0], abs=1e-4)  # the text path differs
+
+    class OtherVocabulary:
+        def get_vocab(self):
+            return {"a": 0}
+
+    assert scorer.score_samples(samples, OtherVocabulary()) == pytest.approx(
+        scorer(["The movie was wonderful", "The movie was dull."]))
+
+
 def test_rm_scorer_bad_paths(tmp_path):
     from preftune.eval.scorers import get_scorer
     from preftune.models.load import ModelSpecError

@@ -243,3 +243,17 @@ class RewardModelScorer:
         if isinstance(texts, str):
             raise TypeError("RewardModelScorer takes a list of texts, not one string")
         return self.model.score_texts(list(texts), batch_size=self.batch_size)
+
+    def score_samples(self, samples: Sequence, tokenizer) -> list[float]:
+        """PPO's path: the sampled tokens themselves (prompt ids + completion ids, nothing appended, a completion
+        cut by the length limit stays without EOS as a cut training response does) when the reward model
+        shares the policy's vocabulary. Decoding and re-encoding changed the tokens of nearly every sample (an
+        EOS appended to cut ones, different BPE splits: up to 3 in score). Other vocabularies: the texts."""
+        same = self.model.tokenizer is not None and (
+            self.model.tokenizer is tokenizer or self.model.tokenizer.get_vocab() == tokenizer.get_vocab())
+        if not same:
+            from preftune.eval.scorers import review_text
+
+            return self([review_text(x.prompt, x.completion) for x in samples])
+        return self.model.score_ids([x.prompt_ids for x in samples], [x.completion_ids for x in samples],
+                                    batch_size=self.batch_size).tolist()

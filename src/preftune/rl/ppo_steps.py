@@ -91,7 +91,9 @@ def rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, scorer, pro
                            max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch_size, seed=seed,
                            device=device)
     texts = [review_text(x.prompt, x.completion) for x in samples]
-    scores = torch.tensor([float(v) for v in scorer(texts)], dtype=torch.float32, device=device)
+    score_samples = getattr(scorer, "score_samples", None)  # a reward model scores the sampled tokens themselves
+    values = score_samples(samples, tokenizer) if score_samples is not None else scorer(texts)
+    scores = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
     batch = {k: v.to(device) for k, v in build_batch(samples, tokenizer.pad_token_id).items()}
     n_cols, head = batch["mask"].shape[1], model.policy.get_output_embeddings()
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref": [], "entropy": []}
