@@ -151,3 +151,25 @@ def test_adapter_run_killed_and_resumed_equals_uninterrupted(tmp_path, pairs_fil
     a = load_file(str(tmp_path / "a" / "policy" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "policy" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_weights_identity_of_an_adapter_covers_its_base(tmp_path):
+    """A LoRA adapter used as the reference: its log-probs are those of base + adapter, so rewriting the base's
+    weights must change the precompute cache key (it reused stale log-probs: eval loss 0.7205 vs 0.7233)."""
+    import json
+
+    from preftune.models.lora import BASE_FILE
+    from preftune.models.reference import weights_identity
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"base weights v1")
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora weights")
+    (adapter / BASE_FILE).write_text(json.dumps({"model": str(base), "seed": 0}))
+    before = weights_identity(str(adapter), 0)
+    assert weights_identity(str(adapter), 0) == before  # stable
+    (base / "model.safetensors").write_bytes(b"base weights v2")
+    assert weights_identity(str(adapter), 0) != before

@@ -106,18 +106,33 @@ def weights_identity(spec: str, seed: int) -> str:
     """A content hash of the reference weights named by ``spec`` (files on disk, or the tiny model's seed and
     config), computed without loading the model; memoised per (path, size, mtime) in this process."""
     from preftune.models.load import TINY_ALIAS, file_digest, resolve_spec
-    from preftune.models.lora import is_adapter_dir
+    from preftune.models.lora import base_of, is_adapter_dir
 
     if spec == TINY_ALIAS:
         return f"tiny:seed={seed}"
-    path = Path(spec) if is_adapter_dir(spec) else Path(resolve_spec(spec))
+    adapter = is_adapter_dir(spec)
+    path = Path(spec) if adapter else Path(resolve_spec(spec))
     if not path.exists():
-        return f"hub:{spec}"
+        path = _hub_snapshot(spec)
+        if path is None:
+            return f"hub:{spec}"
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + file_digest(f).encode())
+    if adapter:  # the adapter's log-probs are those of base + adapter: a changed base changes them too
+        digest.update(b"base:" + weights_identity(*base_of(spec)).encode())
     return digest.hexdigest()
+
+
+def _hub_snapshot(spec: str) -> Path | None:
+    """The local snapshot directory of a hub id (its files name the revision), or None when it is not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a hub id, or not downloaded yet
+        return None
 
 
 def cache_key(*, weights: str, tokenizer, settings: dict, items: list[TokenizedPair]) -> str:
