@@ -144,6 +144,17 @@ def _reduce(stats: Stats) -> dict[str, float]:
     return {name: (s / c.clamp(min=1)).item() for name, (s, c) in stats.items()}
 
 
+def _stats_state(acc: Stats) -> dict[str, list[float]]:
+    """The running (sum, count) pairs of the current logging window, for a checkpoint (a sync, at save time
+    only). fp32 sums round-trip exactly through Python floats."""
+    return {name: [float(s), float(c)] for name, (s, c) in acc.items()}
+
+
+def _stats_from_state(state: dict[str, list[float]], device: torch.device) -> Stats:
+    return {name: (torch.tensor(s, dtype=torch.float32, device=device),
+                   torch.tensor(c, dtype=torch.float32, device=device)) for name, (s, c) in state.items()}
+
+
 def _add(acc: Stats, new: Stats) -> None:
     for name, (s, c) in new.items():
         if name in acc:
@@ -179,17 +190,18 @@ def fit(
     order = DataOrder(len(items), cfg.seed)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     step = 0
+    acc: Stats = {}  # the logging window's running sums: saved with a checkpoint, so a resumed row is the same
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         step = state["step"]
         order.load(state["data"])
+        acc = _stats_from_state(state.get("metrics_window", {}), device)
         metrics.truncate_after(step)
     elif resume:
         metrics.truncate_after(0)
     model.train()
     progress = _progress(cfg, step)
-    acc: Stats = {}
     window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
     timer = PhaseTimer(device)
     last: dict[str, float] = {}
@@ -233,13 +245,15 @@ def fit(
                 last_eval = _run_eval(eval_fn, metrics, step, model)
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                 save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                trainer_state={"data": order.state()}, keep=cfg.keep_checkpoints)
+                                trainer_state={"data": order.state(), "metrics_window": _stats_state(acc)},
+                                keep=cfg.keep_checkpoints)
             faults.maybe_fault("after_step")
         if eval_fn is not None:
             last_eval = _run_eval(eval_fn, metrics, step, model)
         if cfg.save_final:
             save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            trainer_state={"data": order.state()}, keep=cfg.keep_checkpoints)
+                            trainer_state={"data": order.state(), "metrics_window": _stats_state(acc)},
+                            keep=cfg.keep_checkpoints)
     finally:
         progress.close()
         metrics.close()
