@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import Config
+from preftune.train.distributed import world_size
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
       which autograd adds into the LM head's dense gradient of the same weight: the same sum, without a dense
       (vocabulary x hidden) zero-filled tensor per step (~10% of a CPU step on SmolLM2). Only when the head shares
       the weight, so the gradient the optimizer sees is always dense, and not under ``train.compile``: inductor
-      cannot compile a backward that produces a sparse gradient (``Cannot access storage of SparseTensorImpl``)."""
+      cannot compile a backward that produces a sparse gradient (``Cannot access storage of SparseTensorImpl``),
+      nor under several processes (DDP reduces dense gradient buckets)."""
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "base_model"):
             from preftune.config import ConfigError
@@ -59,7 +61,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     embedding, head = (get_in() if get_in else None), (get_out() if get_out else None)
     if (isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight
-            and embedding.weight.requires_grad and not cfg.train.compile):
+            and embedding.weight.requires_grad and not cfg.train.compile and world_size() == 1):
         embedding.sparse = True
     return model
 

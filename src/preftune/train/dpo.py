@@ -21,6 +21,7 @@ from preftune.models.reference import (AdapterReference, FrozenReference, Precom
                                        weights_identity)
 from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
                                    setup_threads)
+from preftune.train.distributed import Processes, world_size
 from preftune.train.layout import resolve_layout
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import make_run_dir, read_metrics
@@ -56,8 +57,24 @@ def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], l
     return load_splits(cfg, pair_reader(cfg), tokenize_pair, tokenizer)
 
 
+class PolicyLogps(torch.nn.Module):
+    """The policy's log-prob forward as one module, so that DistributedDataParallel wraps the whole of it (the
+    decoder body and the chunked LM head are called separately inside ``batch_logps``)."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = batch_logps(self.policy, batch)
+        return out.logps, out.n_tokens
+
+
 def policy_logps(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """One forward over the batch: stacked chosen and rejected rows, or one prefix-shared row per pair."""
+    """One forward over the batch: stacked chosen and rejected rows, or one prefix-shared row per pair. Under
+    several processes ``policy`` is the DDP-wrapped ``PolicyLogps``."""
+    if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+        return SequenceLogps(*policy(batch))
     return batch_logps(policy, batch)
 
 
@@ -190,11 +207,19 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     setup_threads(cfg)
     loss_fn = loss_from_config(cfg)
-    resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
+    mode = resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
+    if world_size() > 1 and mode == "precomputed":
+        raise ConfigError("reference.mode=precomputed runs in one process so far (several processes would each "
+                          "write the cache); use reference.mode=model")
+    procs = Processes.from_env(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
-    run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "dpo")
-    device = pick_device(cfg)
+    if resume:
+        run_dir = Path(cfg.run.dir)
+    else:  # process 0 names and writes the run directory; the others use its name
+        cfg.run.dir = procs.broadcast(str(make_run_dir(cfg, "dpo")) if procs.is_main else None)
+        run_dir = Path(cfg.run.dir)
+    device = procs.device if procs.world > 1 else pick_device(cfg)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(
         cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision)
@@ -210,14 +235,19 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, policy, reference, loss_fn, eval_items, pad_id,
                                     cfg.train.eval_batch_size, device, sft_weight, precision, collate)
+    stepped = procs.wrap(PolicyLogps(policy)) if procs.world > 1 else policy
     result = fit(
         model=policy, items=train_items, collate=functools.partial(collate, pad_id=pad_id),
-        step_fn=functools.partial(dpo_step, policy, reference, loss_fn, sft_weight),
+        step_fn=functools.partial(dpo_step, stepped, reference, loss_fn, sft_weight),
         weight_fn=lambda b: float(b["n_pairs"]), cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn,
-        resume=resume, device=device, precision=precision,
+        resume=resume, device=device, precision=precision, procs=procs,
     )
+    if not procs.is_main:
+        procs.barrier()
+        return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval}
     if cfg.train.save_final:
         save_policy(cfg, policy, tokenizer, run_dir)
+    procs.barrier()
     if cfg.run.plot:
         from preftune.eval.plots import plot_training
 

@@ -25,6 +25,7 @@ from preftune.config import TrainConfig
 from preftune.data.collate import batch_to
 from preftune.models.logprobs import autocast_context
 from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.distributed import Processes
 from preftune.train.optim import build_optimizer
 from preftune.train.rundir import MetricsWriter
 
@@ -183,12 +184,18 @@ def fit(
     resume: bool = False,
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
+    procs: Processes | None = None,
 ) -> FitResult:
+    """The training loop. Several processes (``procs``, train/distributed.py): each takes its slice of every
+    global batch, the step function calls the DDP-wrapped module, and process 0 alone writes."""
+    procs = procs if procs is not None else Processes()
+    if procs.world > 1 and procs.ddp is None:
+        raise RuntimeError("several processes need the step function to call the DDP-wrapped module (procs.wrap)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     order = DataOrder(len(items), cfg.seed)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
     step = 0
     acc: Stats = {}  # the logging window's running sums: saved with a checkpoint, so a resumed row is the same
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -196,12 +203,13 @@ def fit(
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         step = state["step"]
         order.load(state["data"])
-        acc = _stats_from_state(state.get("metrics_window", {}), device)
+        # the window's sums were saved summed over processes: process 0 holds them, the others start empty
+        acc = _stats_from_state(state.get("metrics_window", {}), device) if procs.is_main else {}
         metrics.truncate_after(step)
     elif resume:
         metrics.truncate_after(0)
     model.train()
-    progress = _progress(cfg, step)
+    progress = _progress(cfg, step, enabled=procs.is_main)
     window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
     timer = PhaseTimer(device)
     last: dict[str, float] = {}
@@ -209,14 +217,18 @@ def fit(
     try:
         while step < cfg.max_steps:
             timer.start()
-            micro = [collate([items[i] for i in order.take(cfg.batch_size)]) for _ in range(cfg.grad_accum_steps)]
+            micro = [collate([items[i] for i in procs.shard(order.take(cfg.batch_size * procs.world))])
+                     for _ in range(cfg.grad_accum_steps)]
             total_weight = float(sum(weight_fn(b) for b in micro))
+            if procs.world > 1:  # normalise by the global weight; DDP averages the gradients, hence x world
+                total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64))) / procs.world
             timer.lap("data", host=True)
-            for batch in micro:
+            for k, batch in enumerate(micro):
                 with autocast_context(device, precision):
                     out = step_fn(batch_to(batch, device))
                 timer.lap("forward")
-                (out.loss / max(total_weight, 1.0)).backward()
+                with procs.no_sync(skip=k < len(micro) - 1):
+                    (out.loss / max(total_weight, 1.0 / procs.world)).backward()
                 timer.lap("backward")
                 _add(acc, out.stats)
                 window["tokens"] += out.tokens
@@ -234,9 +246,10 @@ def fit(
             _add(acc, {"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = max(time.perf_counter() - window["t"], 1e-9)
-                last = _reduce(acc)
-                last.update(lr=lr, pairs_per_s=window["pairs"] / elapsed, tokens_per_s=window["tokens"] / elapsed,
-                            **timer.read())
+                last = _reduce(procs.sum_stats(acc))
+                tokens, pairs = (float(v) for v in procs.sum(torch.tensor([window["tokens"], window["pairs"]],
+                                                                          dtype=torch.float64)))
+                last.update(lr=lr, pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed, **timer.read())
                 metrics.write({"step": step, "epoch": order.epoch, **last})
                 acc = {}
                 window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
@@ -244,20 +257,26 @@ def fit(
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
                 last_eval = _run_eval(eval_fn, metrics, step, model)
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
-                save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                trainer_state={"data": order.state(), "metrics_window": _stats_state(acc)},
-                                keep=cfg.keep_checkpoints)
+                _save(procs, run_dir, step, model, optimizer, scheduler, order, acc, cfg)
             faults.maybe_fault("after_step")
         if eval_fn is not None:
             last_eval = _run_eval(eval_fn, metrics, step, model)
         if cfg.save_final:
-            save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            trainer_state={"data": order.state(), "metrics_window": _stats_state(acc)},
-                            keep=cfg.keep_checkpoints)
+            _save(procs, run_dir, step, model, optimizer, scheduler, order, acc, cfg)
     finally:
         progress.close()
         metrics.close()
     return FitResult(step=step, last_metrics=last, last_eval=last_eval)
+
+
+def _save(procs: Processes, run_dir: Path, step: int, model, optimizer, scheduler, order: DataOrder, acc: Stats,
+          cfg: TrainConfig) -> None:
+    """A checkpoint (process 0 writes it; every process takes part in summing the metric window first)."""
+    window = _stats_state(procs.sum_stats(acc))
+    if procs.is_main:
+        save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        trainer_state={"data": order.state(), "metrics_window": window}, keep=cfg.keep_checkpoints)
+    procs.barrier()
 
 
 def _run_eval(eval_fn: Callable[[], dict[str, float]], metrics: MetricsWriter, step: int,
@@ -273,9 +292,9 @@ def _run_eval(eval_fn: Callable[[], dict[str, float]], metrics: MetricsWriter, s
 class _progress:
     """A live tqdm bar showing the step and the headline metrics (off when ``train.progress=false``)."""
 
-    def __init__(self, cfg: TrainConfig, start: int):
+    def __init__(self, cfg: TrainConfig, start: int, enabled: bool = True):
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

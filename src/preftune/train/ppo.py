@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from preftune import faults
+from preftune.train.distributed import single_process_only
 from preftune.config import Config, ConfigError, DataConfig, DPOConfig, TrainConfig, load_config, save_config
 from preftune.errors import InputError
 from preftune.rl.ppo_math import AdaptiveKLController, FixedKLController, masked_sum
@@ -154,6 +155,7 @@ def run_ppo(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | No
     ``eval_hook(policy, iteration)`` runs every ``ppo.eval_every`` iterations and after the last (eval mode, no
     gradients); a returned dict is logged as ``eval/<key>``. ``scorer`` (any ``texts -> scores`` callable)
     replaces ``ppo.scorer``; ``prompts`` replaces ``ppo.prompts`` (written to RUN/prompts.jsonl)."""
+    single_process_only("ppo")
     from preftune.data.records import write_jsonl
     from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
     from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -23,6 +23,7 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.models.load import load_tokenizer
 from preftune.models.logprobs import autocast_context
 from preftune.models.reward_model import HEAD_INITS, RewardModel, build_reward_model, reward_statistics
+from preftune.train.distributed import single_process_only
 from preftune.train.common import pick_device, prepare_for_training, resolve_precision, setup_threads
 from preftune.train.dpo import load_tokenized_pairs
 from preftune.train.loop import StepOutput, fit
@@ -121,6 +122,7 @@ def training_normalization(model: RewardModel, items: list[TokenizedPair], batch
 
 def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     """Train a reward model; writes ``RUN/reward_model/`` and returns a summary dict."""
+    single_process_only("reward")
     check_config(cfg)
     settings = cfg.reward if isinstance(cfg, RewardRunConfig) else RewardSettings()
     setup_threads(cfg)

@@ -60,8 +60,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 class MetricsWriter:
     """Appends one JSON object per line and flushes it, so a run that stops keeps every logged step."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False: a process other than the first of a multi-process run writes nothing
         self._file = None
 
     def _open(self):
@@ -70,13 +71,15 @@ class MetricsWriter:
         return self._file
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         f = self._open()
         f.write(json.dumps(row) + "\n")
         f.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint (they will be logged again)."""
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]

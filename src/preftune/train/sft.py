@@ -20,6 +20,7 @@ from preftune.data.tokenize import TokenizedExample, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.logprobs import sequence_logps
 from preftune.models.lora import apply_lora
+from preftune.train.distributed import single_process_only
 from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
                                    setup_threads)
 from preftune.train.loop import StepOutput, fit
@@ -62,6 +63,7 @@ def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.
 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> dict:
+    single_process_only("sft")
     setup_threads(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer)

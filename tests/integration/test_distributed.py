@@ -1,0 +1,69 @@
+"""Several processes (torchrun / accelerate launch, gloo on CPU): data-parallel DPO equals one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from preftune.train.rundir import read_metrics
+
+COMMON = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plot=false", "train.lr=1e-3",
+          "train.optimizer=adamw", "train.max_steps=3", "train.log_every=1", "train.save_every=2"]
+
+
+def _run(args: list[str], processes: int, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
+                if processes > 1 else [sys.executable, "-m"])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([*launcher, "preftune.cli", "dpo", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file):
+    """2 processes x (batch 1 x 2 accumulation steps) = 1 process x batch 4: the same weights and metrics rows
+    (the loss is normalised by the global pair count, metrics are summed over processes), one metrics file
+    written once, one checkpoint and policy."""
+    data = [f"data.train={pairs_file}"]
+    single = _run(COMMON + data + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(COMMON + data + ["train.batch_size=1", "train.grad_accum_steps=2", f"run.dir={tmp_path / 'two'}"], 2)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    assert one[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("one", "two"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 5e-5  # Adam on float-rounding noise: see 1x8
+    assert (tmp_path / "two" / "checkpoints" / "step-000003").is_dir()
+
+
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, pairs_file):
+    args = COMMON + [f"data.train={pairs_file}", "train.max_steps=5", "train.batch_size=1", "train.grad_accum_steps=2"]
+    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = _run(["--resume", str(tmp_path / "killed")], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
+    from preftune.config import ConfigError, load_config
+    from preftune.train.dpo import run_dpo
+    from preftune.train.sft import run_sft
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="preftune sft runs in one process"):
+        run_sft(load_config(None, ["model=tiny"]))
+    with pytest.raises(ConfigError, match="reference.mode=precomputed runs in one process"):
+        run_dpo(load_config(None, ["model=tiny", "reference.mode=precomputed"]))
