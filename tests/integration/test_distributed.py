@@ -15,11 +15,12 @@ COMMON = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plo
           "train.optimizer=adamw", "train.max_steps=3", "train.log_every=1", "train.save_every=2"]
 
 
-def _run(args: list[str], processes: int, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], processes: int, env_extra: dict | None = None, command: str = "dpo"
+         ) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
                 if processes > 1 else [sys.executable, "-m"])
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([*launcher, "preftune.cli", "dpo", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([*launcher, "preftune.cli", command, *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
 
@@ -57,13 +58,30 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, p
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+@pytest.mark.parametrize("command, keys", [("sft", ("loss", "grad_norm")),
+                                           ("reward", ("loss", "grad_norm", "accuracy", "rewards/margins"))])
+def test_sft_and_reward_on_two_processes_equal_one(tmp_path, pairs_file, command, keys):
+    """SFT normalises by tokens, which differ between the processes' slices: the global token count makes 2 x
+    batch 2 equal 1 x batch 4. The reward model trains the same way as DPO."""
+    args = COMMON + [f"data.train={pairs_file}"]
+    single = _run(args + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1, command=command)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(args + ["train.batch_size=2", f"run.dir={tmp_path / 'two'}"], 2, command=command)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
+    for key in keys:
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
+                                                                    abs=1e-6), key
+
+
 def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
     from preftune.config import ConfigError, load_config
     from preftune.train.dpo import run_dpo
-    from preftune.train.sft import run_sft
+    from preftune.train.ppo import PPORunConfig, run_ppo
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="preftune sft runs in one process"):
-        run_sft(load_config(None, ["model=tiny"]))
+    with pytest.raises(ConfigError, match="preftune ppo runs in one process"):
+        run_ppo(PPORunConfig())
     with pytest.raises(ConfigError, match="reference.mode=precomputed runs in one process"):
         run_dpo(load_config(None, ["model=tiny", "reference.mode=precomputed"]))

@@ -288,6 +288,26 @@ def batch_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLog
     return _segment_sums(tok, batch["gather_segments"], 2 * int(batch["n_pairs"]))
 
 
+class LogpsModule(nn.Module):
+    """A model's ``batch_logps`` as one module, so that DistributedDataParallel wraps the whole forward (the
+    decoder body and the chunked LM head are called separately inside ``batch_logps``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = batch_logps(self.model, batch)
+        return out.logps, out.n_tokens
+
+
+def module_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+    """``batch_logps`` of a model, or of the DDP-wrapped ``LogpsModule`` a multi-process step calls."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return SequenceLogps(*model(batch))
+    return batch_logps(model, batch)
+
+
 def completion_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) number of completion tokens per sequence, for either layout (no forward pass)."""
     if "gather_segments" in batch:

@@ -2,9 +2,9 @@
 ``accelerate`` sets up the process group (gloo on CPUs, NCCL on GPUs) and wraps the policy in
 DistributedDataParallel. A single process (``WORLD_SIZE`` unset or 1) touches none of it.
 
-What a run of N processes means (``preftune dpo`` only, so far): ``train.batch_size`` is per process, so a step
-sees N x batch_size x grad_accum_steps pairs; every process walks the same seeded data order and takes its own
-contiguous slice of each global batch; the loss is normalised by the GLOBAL pair count (summed across processes)
+What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``): ``train.batch_size`` is per process,
+so a step sees N x batch_size x grad_accum_steps pairs (or examples); every process walks the same seeded data order and takes its own
+contiguous slice of each global batch; the loss is normalised by the GLOBAL pair or token count (summed across processes)
 and scaled by N, since DDP averages gradients, so the update equals one process with N x batch_size (tested on
 2 CPU processes); metrics are summed across processes before they are reduced; process 0 writes the run
 directory, metrics, checkpoints and the final policy, and the others wait for it.
@@ -29,7 +29,7 @@ def single_process_only(command: str) -> None:
         from preftune.config import ConfigError
 
         raise ConfigError(f"preftune {command} runs in one process; several processes (WORLD_SIZE="
-                          f"{world_size()}) are supported by preftune dpo only")
+                          f"{world_size()}) are supported by preftune dpo, sft and reward")
 
 
 class Processes:
@@ -85,6 +85,16 @@ class Processes:
         if self.ddp is None or not skip:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
+
+    def run_dir(self, cfg, command: str, resume: bool):
+        """The run directory: named and written (config, env) by process 0, its name broadcast to the others."""
+        from pathlib import Path
+
+        from preftune.train.rundir import make_run_dir
+
+        if not resume:
+            cfg.run.dir = self.broadcast(str(make_run_dir(cfg, command)) if self.is_main else None)
+        return Path(cfg.run.dir)
 
     def barrier(self) -> None:
         if self.world > 1:

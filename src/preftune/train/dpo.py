@@ -15,7 +15,7 @@ from preftune.data.records import read_preference_pairs
 from preftune.data.tokenize import TokenizedPair, tokenize_pair
 from preftune.losses import PreferenceLoss, get_loss, loss_params
 from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps
+from preftune.models.logprobs import LogpsModule, SequenceLogps, autocast_context, module_logps
 from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
@@ -24,7 +24,7 @@ from preftune.train.common import (load_splits, pick_device, prepare_for_trainin
 from preftune.train.distributed import Processes, world_size
 from preftune.train.layout import resolve_layout
 from preftune.train.loop import StepOutput, fit
-from preftune.train.rundir import make_run_dir, read_metrics
+from preftune.train.rundir import read_metrics
 
 log = logging.getLogger(__name__)
 Reference = FrozenReference | AdapterReference | PrecomputedReference
@@ -57,27 +57,6 @@ def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], l
     return load_splits(cfg, pair_reader(cfg), tokenize_pair, tokenizer)
 
 
-class PolicyLogps(torch.nn.Module):
-    """The policy's log-prob forward as one module, so that DistributedDataParallel wraps the whole of it (the
-    decoder body and the chunked LM head are called separately inside ``batch_logps``)."""
-
-    def __init__(self, policy: torch.nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = batch_logps(self.policy, batch)
-        return out.logps, out.n_tokens
-
-
-def policy_logps(policy: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """One forward over the batch: stacked chosen and rejected rows, or one prefix-shared row per pair. Under
-    several processes ``policy`` is the DDP-wrapped ``PolicyLogps``."""
-    if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
-        return SequenceLogps(*policy(batch))
-    return batch_logps(policy, batch)
-
-
 def _reduce_logps(out: SequenceLogps, reduction: str) -> torch.Tensor:
     return out.mean() if reduction == "mean" else out.logps
 
@@ -93,7 +72,7 @@ def dpo_forward(policy: torch.nn.Module, reference: Reference | None, loss_fn: P
     """Per-pair losses and the field's metrics as (sum, count) for a stacked batch of B pairs.
     ``sft_weight`` > 0 adds the length-averaged NLL of each chosen response (RPO-style), for any loss."""
     n = int(batch["n_pairs"])
-    pol = policy_logps(policy, batch)
+    pol = module_logps(policy, batch)
     pol_red = _reduce_logps(pol, loss_fn.reduction)
     ref_c = ref_r = None
     if loss_fn.needs_reference:
@@ -214,11 +193,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
-    if resume:
-        run_dir = Path(cfg.run.dir)
-    else:  # process 0 names and writes the run directory; the others use its name
-        cfg.run.dir = procs.broadcast(str(make_run_dir(cfg, "dpo")) if procs.is_main else None)
-        run_dir = Path(cfg.run.dir)
+    run_dir = procs.run_dir(cfg, "dpo", resume)
     device = procs.device if procs.world > 1 else pick_device(cfg)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(
@@ -235,7 +210,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, policy, reference, loss_fn, eval_items, pad_id,
                                     cfg.train.eval_batch_size, device, sft_weight, precision, collate)
-    stepped = procs.wrap(PolicyLogps(policy)) if procs.world > 1 else policy
+    stepped = procs.wrap(LogpsModule(policy)) if procs.world > 1 else policy
     result = fit(
         model=policy, items=train_items, collate=functools.partial(collate, pad_id=pad_id),
         step_fn=functools.partial(dpo_step, stepped, reference, loss_fn, sft_weight),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -23,11 +22,10 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.models.load import load_tokenizer
 from preftune.models.logprobs import autocast_context
 from preftune.models.reward_model import HEAD_INITS, RewardModel, build_reward_model, reward_statistics
-from preftune.train.distributed import single_process_only
 from preftune.train.common import pick_device, prepare_for_training, resolve_precision, setup_threads
+from preftune.train.distributed import Processes
 from preftune.train.dpo import load_tokenized_pairs
 from preftune.train.loop import StepOutput, fit
-from preftune.train.rundir import make_run_dir
 
 log = logging.getLogger(__name__)
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -122,14 +120,14 @@ def training_normalization(model: RewardModel, items: list[TokenizedPair], batch
 
 def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     """Train a reward model; writes ``RUN/reward_model/`` and returns a summary dict."""
-    single_process_only("reward")
     check_config(cfg)
     settings = cfg.reward if isinstance(cfg, RewardRunConfig) else RewardSettings()
     setup_threads(cfg)
+    procs = Processes.from_env(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
-    run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "reward")
-    device = pick_device(cfg)
+    run_dir = procs.run_dir(cfg, "reward", resume)
+    device = procs.device if procs.world > 1 else pick_device(cfg)
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,
              len(train_items), len(eval_items), device, precision)
@@ -145,12 +143,16 @@ def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     if eval_items:
         eval_fn = functools.partial(evaluate_reward, model, eval_items, pad_id, cfg.train.eval_batch_size,
                                     device, precision)
+    stepped = procs.wrap(model) if procs.world > 1 else model
     result = fit(model=model, items=train_items, collate=functools.partial(collate_pairs, pad_id=pad_id),
-                 step_fn=functools.partial(reward_step, model), weight_fn=lambda b: float(b["n_pairs"]),
+                 step_fn=functools.partial(reward_step, stepped), weight_fn=lambda b: float(b["n_pairs"]),
                  cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn, resume=resume, device=device,
-                 precision=precision)
+                 precision=precision, procs=procs)
     model.normalization = (training_normalization(model, train_items, cfg.train.eval_batch_size)
                            if settings.normalize else None)
-    path = model.save(run_dir / "reward_model", tokenizer)
+    path = run_dir / "reward_model"
+    if procs.is_main:
+        model.save(path, tokenizer)
+    procs.barrier()
     return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval,
             "reward_model": str(path), "normalization": model.normalization}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
 import torch
 
@@ -18,13 +17,13 @@ from preftune.data.collate import batch_to, collate_examples
 from preftune.data.records import read_sft_examples
 from preftune.data.tokenize import TokenizedExample, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
-from preftune.models.logprobs import sequence_logps
+from preftune.models.logprobs import LogpsModule, module_logps
 from preftune.models.lora import apply_lora
-from preftune.train.distributed import single_process_only
+from preftune.train.distributed import Processes
 from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
                                    setup_threads)
 from preftune.train.loop import StepOutput, fit
-from preftune.train.rundir import make_run_dir, read_metrics
+from preftune.train.rundir import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def load_tokenized_examples(cfg: Config, tokenizer) -> tuple[list[TokenizedExamp
 
 def sft_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL over completion tokens, token count)."""
-    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out = module_logps(model, batch)
     return -out.logps.sum(), out.n_tokens.sum()
 
 
@@ -63,12 +62,12 @@ def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.
 
 
 def run_sft(cfg: Config, *, resume: bool = False) -> dict:
-    single_process_only("sft")
     setup_threads(cfg)
+    procs = Processes.from_env(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer)
-    run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "sft")
-    device = pick_device(cfg)
+    run_dir = procs.run_dir(cfg, "sft", resume)
+    device = procs.device if procs.world > 1 else pick_device(cfg)
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),
              len(eval_items), device, precision)
@@ -80,12 +79,14 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_examples, model, eval_items, pad_id, cfg.train.eval_batch_size, device)
+    stepped = procs.wrap(LogpsModule(model)) if procs.world > 1 else model
     result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
-                 step_fn=functools.partial(sft_step, model), weight_fn=_weight, cfg=cfg.train, run_dir=run_dir,
-                 eval_fn=eval_fn, resume=resume, device=device, precision=precision)
-    if cfg.train.save_final:
+                 step_fn=functools.partial(sft_step, stepped), weight_fn=_weight, cfg=cfg.train, run_dir=run_dir,
+                 eval_fn=eval_fn, resume=resume, device=device, precision=precision, procs=procs)
+    if procs.is_main and cfg.train.save_final:
         save_policy(cfg, model, tokenizer, run_dir)
-    if cfg.run.plot:
+    procs.barrier()
+    if procs.is_main and cfg.run.plot:
         from preftune.eval.plots import plot_training
 
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind="sft")
