@@ -164,3 +164,28 @@ def test_attention_windows_under_other_config_names():
     assert sliding_window(T.Gemma3TextConfig(sliding_window=512)) == 512
     assert sliding_window(T.Qwen2Config()) is None and sliding_window(T.LlamaConfig()) is None
     assert sliding_window(SimpleNamespace(sliding_window=64, use_sliding_window=False)) is None
+
+
+def test_generation_ignores_the_models_shipped_sampling_settings(tiny_tokenizer):
+    """Samples must come from the model's distribution: settings a model directory ships in
+    generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05) used to fill everything a call left
+    unset. Greedy here must be the argmax at every step, and the shipped config is back afterwards."""
+    from preftune.data.tokenize import encode_prompt
+    from preftune.eval.sampling import generate
+    from preftune.models.load import load_causal_lm
+
+    model = load_causal_lm("tiny", seed=0)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    prompt = "The movie was great, great, great"
+    got = generate(model, tiny_tokenizer, [prompt], temperature=0, max_new_tokens=8)[0].completion_ids
+    ids = encode_prompt(tiny_tokenizer, prompt)
+    expected = []
+    with torch.no_grad():
+        for _ in range(len(got)):
+            token = int(model(input_ids=torch.tensor([ids + expected])).logits[0, -1].argmax())
+            expected.append(token)
+            if token == tiny_tokenizer.eos_token_id:
+                break
+    assert got == expected and len(set(expected)) < len(expected)  # a repeat the shipped settings would forbid
+    assert model.generation_config.repetition_penalty == 5.0

@@ -380,3 +380,15 @@ def test_import_does_not_load_heavy_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
     assert out.stdout.strip() == "[]"
+
+
+def test_csv_row_with_more_cells_than_columns_is_an_error(tmp_path):
+    """An unquoted comma made the cells shift (prompt 'Hi', chosen ' there', rejected 'good') and the last one
+    vanish, with nothing reported; now an error naming the line, or a counted skip."""
+    path = tmp_path / "x.csv"
+    path.write_text("prompt,chosen,rejected\nok,a,b\nHi, there,good,bad\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_preference_pairs(path)
+    assert str(err.value).startswith(f"{path}:3: 4 cells, but the header names 3 columns")
+    pairs, report = read_preference_pairs(path, on_invalid="skip")
+    assert [p.prompt for p in pairs] == ["ok"] and "more cells than columns" in str(report.summary())

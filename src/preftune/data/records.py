@@ -312,7 +312,10 @@ def _iter_csv(path: Path, file: str) -> Iterator[tuple[int, Any]]:
         header = next(reader, None) or []
         start = reader.line_num + 1  # physical line where the next record begins (header = 1)
         for row in reader:
-            if row:
+            if len(row) > len(header):  # zip would shift the cells and drop the last: an unquoted comma?
+                yield start, DataError(file, start, None, f"{len(row)} cells, but the header names {len(header)} "
+                                       "columns (a comma inside an unquoted cell?)", reason="more cells than columns")
+            elif row:
                 yield start, {key: _csv_cell(cell) for key, cell in zip(header, row, strict=False)}
             start = reader.line_num + 1
 
