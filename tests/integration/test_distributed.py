@@ -43,6 +43,21 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
     assert (tmp_path / "two" / "checkpoints" / "step-000003").is_dir()
 
 
+def test_two_processes_with_a_precomputed_reference(tmp_path, pairs_file):
+    """Process 0 computes and caches the reference log-probs, the other reads its cache; training equals one
+    process with a live reference (to the fp32 noise of a batch-dependent forward)."""
+    data = [f"data.train={pairs_file}", f"reference.cache_dir={tmp_path / 'cache'}"]
+    single = _run(COMMON + data + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(COMMON + data + ["train.batch_size=2", "reference.mode=precomputed", f"run.dir={tmp_path / 'two'}"],
+                 2)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stderr.count("computing") == 1 and multi.stderr.count("reusing cache") == 1  # process 0, then 1
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    for key in ("loss", "rewards/margins", "grad_norm"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+
+
 def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, pairs_file):
     args = COMMON + [f"data.train={pairs_file}", "train.max_steps=5", "train.batch_size=1", "train.grad_accum_steps=2"]
     straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
@@ -76,12 +91,9 @@ def test_sft_and_reward_on_two_processes_equal_one(tmp_path, pairs_file, command
 
 
 def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
-    from preftune.config import ConfigError, load_config
-    from preftune.train.dpo import run_dpo
+    from preftune.config import ConfigError
     from preftune.train.ppo import PPORunConfig, run_ppo
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="preftune ppo runs in one process"):
         run_ppo(PPORunConfig())
-    with pytest.raises(ConfigError, match="reference.mode=precomputed runs in one process"):
-        run_dpo(load_config(None, ["model=tiny", "reference.mode=precomputed"]))

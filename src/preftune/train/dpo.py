@@ -21,7 +21,7 @@ from preftune.models.reference import (AdapterReference, FrozenReference, Precom
                                        weights_identity)
 from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
                                    setup_threads)
-from preftune.train.distributed import Processes, world_size
+from preftune.train.distributed import Processes
 from preftune.train.layout import resolve_layout
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import read_metrics
@@ -157,15 +157,22 @@ def precompute_reference(cfg: Config, ref_spec: str, splits: dict[str, list], to
 
 
 def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, splits: dict[str, list],
-                               device: torch.device, precision: str) -> tuple[torch.nn.Module, Reference | None, dict]:
+                               device: torch.device, precision: str, procs: Processes | None = None
+                               ) -> tuple[torch.nn.Module, Reference | None, dict]:
     """Load the policy (LoRA-wrapped when asked or implied) and the reference strategy. With ``precomputed``
     the reference log-probs are computed (or read from the cache) first, and the reference model is freed
-    before the policy loads."""
+    before the policy loads; of several processes, process 0 computes and caches them and the others then read
+    the cache (on other machines without a shared cache directory they compute their own)."""
+    procs = procs if procs is not None else Processes()
     mode = resolve_reference_mode(cfg, loss_fn)
     ref_spec = cfg.ref_model or cfg.model
     load_ref = reference_loader(cfg, ref_spec)
     if mode == "precomputed":
+        if not procs.is_main:
+            procs.barrier()  # wait for process 0's cache
         splits = precompute_reference(cfg, ref_spec, splits, tokenizer, device, precision)
+        if procs.is_main:
+            procs.barrier()
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
@@ -186,10 +193,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     setup_threads(cfg)
     loss_fn = loss_from_config(cfg)
-    mode = resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
-    if world_size() > 1 and mode == "precomputed":
-        raise ConfigError("reference.mode=precomputed runs in one process so far (several processes would each "
-                          "write the cache); use reference.mode=model")
+    resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
     procs = Processes.from_env(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
@@ -197,7 +201,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     device = procs.device if procs.world > 1 else pick_device(cfg)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(
-        cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision)
+        cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision, procs)
     train_items, eval_items = splits["train"], splits["eval"]
     layout = resolve_layout(cfg, train_items + eval_items, model=policy)
     log.info("DPO on %s: %d train / %d eval pairs, device=%s precision=%s layout=%s loss=%s (change with "
