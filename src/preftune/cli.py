@@ -13,30 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-_CONFIG_HELP = """\
-config keys (defaults in parentheses; see preftune/config.py):
-  model (smollm2-135m)        alias smollm2-135m | tiny, a local HF dir, a .gguf file or a hub id
-  ref_model (= model)         the frozen reference, loaded separately
-  trust_remote_code (false)
-  data.train / data.eval      .jsonl[.gz] .json .csv .parquet or a saved datasets dir (DIR or DIR::split)
-  data.eval_fraction (0)      hold out this fraction of train when data.eval is unset
-  data.max_length (512)       prompt + response tokens per sequence; responses are cut to fit
-  data.max_prompt_tokens (256) longer prompts keep their last tokens ...
-  data.prompt_overflow (truncate)  ... or are an error (error)
-  data.on_invalid (error)     error: a bad record stops the run (exit 2) | skip: skip and count bad records
-  data.limit                  read at most N records
-  train.max_steps (100) train.batch_size (8) train.grad_accum_steps (1) train.lr (5e-6)
-  train.optimizer (rmsprop|adamw) train.weight_decay (0) train.warmup_steps (auto: min(150, 10% of steps))
-  train.schedule (constant|cosine|linear) train.max_grad_norm (10) train.seed (0)
-  train.log_every (1) train.eval_every (0 = end) train.save_every (0 = end) train.keep_checkpoints (2)
-  train.eval_batch_size (16) train.precision (auto|fp32|bf16) train.num_threads train.progress (true)
-  train.layout (auto|padded|prefix_shared|packed)  auto shares the prompt when prompts are as long as responses
-  train.gradient_checkpointing (false) train.compile (false) train.device (auto|cpu|cuda|cuda:N|mps)
-  train.save_final (true: final checkpoint + policy/) train.tf32 (false; CUDA: TF32 for the fp32 LM-head matmuls)
-  dpo.loss (sigmoid) dpo.beta (0.1) dpo.label_smoothing (0: plain DPO; >0: conservative DPO)
-  reference.mode (model)      a frozen copy of ref_model
-  run.dir (runs/<cmd>-<time>) run.plot (true)
-"""
+
+def _config_help() -> str:
+    from preftune.config import config_help
+
+    return config_help()
+
+
+_CONFIG_HELP = _config_help()
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:

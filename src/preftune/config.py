@@ -32,14 +32,15 @@ class DataConfig:
     append_eos: bool = True  # false: responses carry their own end marker (sampled text that kept its EOS)
     on_invalid: str = "error"  # error | skip: a malformed record stops the run (exit 2) or is skipped and counted
     limit: int | None = None  # read at most this many pairs (quick experiments)
-    max_pairs_per_prompt: int | None = None  # records with several ranked/scored responses expand into all
-    # ordered pairs; keep at most this many per record (largest score gaps first)
+    # records with several ranked/scored responses expand into all ordered pairs; keep at most this many per
+    # record (largest score gaps first)
+    max_pairs_per_prompt: int | None = None
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # pairs (DPO) or examples (SFT) per micro-batch
+    batch_size: int = 8  # pairs (DPO) or examples (SFT) per micro-batch, per process
     grad_accum_steps: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum_steps
     lr: float = 5e-6
     optimizer: str = "rmsprop"  # rmsprop (the DPO paper's choice) | adamw
@@ -268,3 +269,51 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _field_notes(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source: the comment at the end of its line, else the comment lines
+    right above it."""
+    import inspect
+    import re
+
+    notes: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsourcelines(cls)[0]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").rstrip())
+            continue
+        match = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line.rstrip("\n"))
+        if match:
+            notes[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+        above = []
+    return notes
+
+
+def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, note) for every leaf key of the config, in declaration order."""
+    cls = cls or Config
+    notes = _field_notes(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", default, notes.get(f.name, "")))
+    return out
+
+
+def config_help(cls: type = None) -> str:
+    """Every config key with its default and note, generated from the dataclasses (so it cannot drift)."""
+    def shown(value: Any) -> str:
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    lines = ["config keys (default in parentheses; from preftune/config.py):"]
+    for key, default, note in config_keys(cls):
+        choices = _CHOICES.get(key)
+        if choices and not note.startswith(choices[0]):
+            note = " | ".join(choices) + (f": {note}" if note else "")
+        lines.append(f"  {key} ({shown(default)})" + (f"  {note}" if note else ""))
+    return "\n".join(lines) + "\n"

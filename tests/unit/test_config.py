@@ -319,3 +319,22 @@ def test_train_tf32_turns_on_tf32_matmuls_process_wide(monkeypatch):
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_help_lists_every_config_key_with_its_default(capsys):
+    """`preftune dpo --help` is generated from the config dataclasses: every key, its default, its choices and
+    the note from its source comment (a hand-written list had left out a dozen keys, LoRA's among them)."""
+    from preftune.cli import main
+    from preftune.config import config_keys
+
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    text = capsys.readouterr().out
+    keys = config_keys()
+    assert len(keys) > 50
+    for key, default, _ in keys:
+        assert f"  {key} (" in text, key
+    assert "  train.layout (auto)  auto | padded | prefix_shared" in text
+    assert "  reference.mode (model)  model: a frozen copy" in text and "precomputed:" in text
+    assert "  data.max_pairs_per_prompt (none)  records with several ranked/scored responses" in text
+    assert "  lora.r (16)" in text and "  train.tf32 (false)  CUDA: TF32" in text

@@ -28,7 +28,7 @@ pairs (data.eval or data.eval_fraction)
 def _epilog() -> str:
     from preftune.cli import _CONFIG_HELP
 
-    skip = ("  ref_model", "  dpo.", "  reference.")
+    skip = ("  ref_model", "  dpo.", "  reference.", "  lora.")
     return "\n".join(line for line in _CONFIG_HELP.splitlines() if not line.startswith(skip)) + "\n" + _REWARD_KEYS
 
 
