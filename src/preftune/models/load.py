@@ -252,13 +252,27 @@ def load_causal_lm(spec: str, *, seed: int = 0, trust_remote_code: bool = False)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_spec(spec), dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
+        model = from_pretrained_safetensors(AutoModelForCausalLM, resolve_spec(spec),
+                                            trust_remote_code=trust_remote_code)
     disable_dropout(model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
     return model
+
+
+def from_pretrained_safetensors(auto_class, path: str, *, trust_remote_code: bool = False) -> nn.Module:
+    """``auto_class.from_pretrained`` in fp32 from safetensors only: weights in pickle-based ``.bin`` files would
+    be unpickled (even torch's restricted unpickler runs code paths an untrusted file controls), so they are
+    refused with a way out."""
+    try:
+        return auto_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                          use_safetensors=True)
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise
+        raise ModelSpecError(f"{path}: no safetensors weights, and preftune never unpickles .bin checkpoints; "
+                             "if you trust the files, convert them once (load with transformers and "
+                             "save_pretrained(..., safe_serialization=True))") from None
 
 
 def load_reference(spec: str, *, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:

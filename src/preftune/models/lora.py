@@ -59,4 +59,8 @@ def base_of(adapter_dir: str | Path) -> tuple[str, int]:
 def merge_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
     from peft import PeftModel
 
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():  # peft would unpickle adapter_model.bin
+        from preftune.models.load import ModelSpecError
+
+        raise ModelSpecError(f"{adapter_dir}: no adapter_model.safetensors, and preftune never unpickles .bin files")
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

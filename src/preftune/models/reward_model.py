@@ -36,7 +36,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from preftune.models.load import ModelSpecError, disable_dropout, load_causal_lm, load_tokenizer
+from preftune.models.load import (ModelSpecError, disable_dropout, from_pretrained_safetensors, load_causal_lm,
+                                  load_tokenizer)
 
 CONFIG_FILE = "reward_config.json"
 HEAD_INITS = ("normal", "zeros")
@@ -183,7 +184,7 @@ class RewardModel(nn.Module):
         info = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         if info.get("format") != FORMAT or info.get("version") != VERSION:
             raise ModelSpecError(f"{path / CONFIG_FILE}: not a {FORMAT} v{VERSION} file")
-        backbone = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        backbone = from_pretrained_safetensors(AutoModel, str(path), trust_remote_code=trust_remote_code)
         disable_dropout(backbone)
         keep = {k: v for k, v in info.items()
                 if k not in ("format", "version", "hidden_size", "score_position", "head", "normalization")}
