@@ -191,7 +191,9 @@ def _split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
         cut_c = chosen.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
         cut_r = rejected.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
         if cut_r < len(HH_ASSISTANT) or rejected[:cut_r] != chosen[:cut_c]:
-            raise _Invalid("rejected", "prompt differs from chosen's")
+            raise _Invalid("rejected", "prompt differs from chosen's (the dialogue up to the last "
+                           "'\\n\\nAssistant:': the two diverge earlier, or a response itself contains it)",
+                           "field 'rejected': prompt differs from chosen's")
         return chosen[:cut_c], chosen[cut_c:], rejected[cut_r:]
     raise _Invalid("prompt", "missing field (and 'chosen'/'rejected' are neither conversations "
                    "nor Human/Assistant dialogues it could be derived from)", "missing field 'prompt'")
