@@ -31,7 +31,9 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
     data = [f"data.train={pairs_file}"]
     single = _run(COMMON + data + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 0, single.stderr[-3000:]
-    multi = _run(COMMON + data + ["train.batch_size=1", "train.grad_accum_steps=2", f"run.dir={tmp_path / 'two'}"], 2)
+    # a launcher's mixed-precision setting must not slip accelerate's autocast under train.precision=fp32
+    multi = _run(COMMON + data + ["train.batch_size=1", "train.grad_accum_steps=2", f"run.dir={tmp_path / 'two'}"], 2,
+                 {"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
@@ -88,6 +90,17 @@ def test_sft_and_reward_on_two_processes_equal_one(tmp_path, pairs_file, command
     for key in keys:
         assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
                                                                     abs=1e-6), key
+
+
+def test_resume_at_the_last_step_with_an_open_metrics_window_finishes(tmp_path, pairs_file):
+    """Process 0 restores the saved metrics window, the others the same names at zero: their final checkpoint
+    sums the same names (a mismatch left the processes in different collectives: a hang)."""
+    args = COMMON[:-2] + [f"data.train={pairs_file}", "train.max_steps=4", "train.batch_size=1",
+                          "train.log_every=4", "train.save_every=2"]
+    killed = _run(args + [f"run.dir={tmp_path / 'run'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
+    assert killed.returncode != 0 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = _run(["--resume", str(tmp_path / "run"), "train.max_steps=2"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 def test_commands_that_run_in_one_process_refuse_several(monkeypatch):

@@ -189,3 +189,61 @@ def test_generation_ignores_the_models_shipped_sampling_settings(tiny_tokenizer)
                 break
     assert got == expected and len(set(expected)) < len(expected)  # a repeat the shipped settings would forbid
     assert model.generation_config.repetition_penalty == 5.0
+
+
+def test_probes_run_in_eval_mode_without_compiled_code(monkeypatch):
+    """A LoRA adapter with dropout in train mode (a resumed run: B != 0) drew different dropout masks in the
+    probe's two forwards, which then called a plain head not plain (full logits for the whole run) and the shared
+    layouts unexact. The probes run in eval mode, restore the mode, and work without torch.compiler.set_stance
+    (torch < 2.6)."""
+    from preftune.config import LoRAConfig
+    from preftune.models import logprobs
+    from preftune.models.load import load_causal_lm
+    from preftune.models.lora import apply_lora
+    from preftune.train.layout import shared_layout_problem
+
+    policy = apply_lora(load_causal_lm("tiny", seed=0), LoRAConfig(enabled=True, r=4, dropout=0.5), seed=0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    policy.train()
+    assert logprobs._split_head(policy) is not None and policy.training
+    assert shared_layout_problem(policy) is None and policy.training
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    other = load_causal_lm("tiny", seed=1)
+    assert logprobs._split_head(other) is not None
+
+
+def test_window_names_are_read_with_their_own_values():
+    from types import SimpleNamespace
+
+    from preftune.train.layout import sliding_window
+
+    config = SimpleNamespace(sliding_window=None, attention_chunk_size=8192, use_sliding_window=False)
+    assert sliding_window(config) == 8192
+
+
+def test_only_a_bin_only_checkpoint_gets_the_conversion_message(tmp_path):
+    """A broken safetensors link (or a missing shard) is its own error, not 'convert your .bin'."""
+    from preftune.models.load import ModelSpecError, load_causal_lm
+
+    load_causal_lm("tiny", seed=0).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "missing.safetensors")
+    with pytest.raises(OSError) as err:
+        load_causal_lm(str(tmp_path))
+    assert not isinstance(err.value, ModelSpecError)
+
+
+def test_generation_leaves_a_peft_base_models_config_alone(tiny_tokenizer):
+    from preftune.config import LoRAConfig
+    from preftune.eval.sampling import generate
+    from preftune.models.load import load_causal_lm
+    from preftune.models.lora import apply_lora
+
+    policy = apply_lora(load_causal_lm("tiny", seed=0), LoRAConfig(enabled=True, r=4), seed=0)
+    base = policy.get_base_model()
+    before = base.generation_config.to_dict()
+    generate(policy, tiny_tokenizer, ["The movie was"], temperature=0, max_new_tokens=3)
+    assert base.generation_config.to_dict() == before and policy.generation_config.to_dict() == before

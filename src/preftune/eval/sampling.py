@@ -49,13 +49,16 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    shipped = model.generation_config
-    model.generation_config = GenerationConfig()
+    # every module holding one (a PEFT wrapper copies its config into the base model while generating)
+    shipped = {m: m.generation_config for m in [model, *model.modules()] if hasattr(m, "generation_config")}
+    for m in shipped:
+        m.generation_config = GenerationConfig()
     try:
         return _generate(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device)
     finally:
-        model.generation_config = shipped
+        for m, config in shipped.items():
+            m.generation_config = config
         model.train(was_training)
 
 

@@ -267,9 +267,10 @@ def from_pretrained_safetensors(auto_class, path: str, *, trust_remote_code: boo
     try:
         return auto_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                           use_safetensors=True)
-    except OSError as exc:
-        if "safetensors" not in str(exc):
-            raise
+    except OSError:
+        local = Path(path)
+        if not local.is_dir() or any(local.glob("*.safetensors*")) or not any(local.glob("*.bin")):
+            raise  # not the .bin-only case (a missing shard, a broken link, weights never downloaded)
         raise ModelSpecError(f"{path}: no safetensors weights, and preftune never unpickles .bin checkpoints; "
                              "if you trust the files, convert them once (load with transformers and "
                              "save_pretrained(..., safe_serialization=True))") from None

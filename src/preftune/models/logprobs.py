@@ -62,13 +62,27 @@ def uses_split_head(model: nn.Module) -> bool:
     return _split_head(model) is not None
 
 
+@contextlib.contextmanager
+def eager_eval(model: nn.Module):
+    """For probes: eval mode (no dropout, e.g. LoRA's, drawing different masks in two forwards) and no compiled
+    code (a compiled decoder is not compiled for the probe's shapes); the model's mode is restored after."""
+    was_training = model.training
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    model.eval()
+    try:
+        with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+            yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def _head_is_plain(model: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
     """Whether the model's logits are exactly ``head(decoder(x).last_hidden_state)`` (same precision, eager:
     a compiled decoder is not compiled for the probe's shape)."""
     ids = torch.arange(3, device=head.weight.device)[None] % head.weight.shape[0]
     try:
-        with torch.compiler.set_stance("force_eager"):
+        with eager_eval(model):
             full = model(input_ids=ids, use_cache=False).logits
             split = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
     except Exception:  # noqa: BLE001 - a model the probe cannot drive takes the full forward, which is always right

@@ -46,9 +46,17 @@ class Processes:
     def from_env(cls, device_setting: str = "auto") -> Processes:
         if world_size() <= 1:
             return cls(None)
-        from accelerate import Accelerator
+        from datetime import timedelta
 
-        return cls(Accelerator(cpu=device_setting == "cpu" or not torch.cuda.is_available()))
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # precision is preftune's (train.precision, its own autocast): an `accelerate launch` config must not add
+        # accelerate's autocast or a compile backend behind it. The long collective timeout covers the processes
+        # that wait while process 0 precomputes reference log-probs (NCCL's default is 10 minutes).
+        return cls(Accelerator(cpu=device_setting == "cpu" or not torch.cuda.is_available(), mixed_precision="no",
+                               dynamo_backend="no",
+                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))]))
 
     @property
     def device(self) -> torch.device:

@@ -10,7 +10,7 @@ import torch
 from preftune.config import Config, ConfigError
 from preftune.data.collate import batch_to, collate_pairs, triple_length
 from preftune.data.tokenize import TokenizedPair
-from preftune.models.logprobs import batch_logps
+from preftune.models.logprobs import batch_logps, eager_eval
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,9 @@ _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 def sliding_window(model_config) -> int | None:
     """The smallest attention window (sliding or chunked: Mistral, Gemma 2/3, GPT-Neo's ``window_size``,
     Llama 4's ``attention_chunk_size``) of a model some of whose layers use one, else None."""
-    windows = [int(getattr(model_config, key)) for key in _WINDOW_KEYS if getattr(model_config, key, None)]
-    if getattr(model_config, "use_sliding_window", True) is False:  # Qwen2: a window named, not used
-        windows = [w for key, w in zip(_WINDOW_KEYS, windows) if key != "sliding_window"]
+    named = [(key, getattr(model_config, key, None)) for key in _WINDOW_KEYS]
+    unused = "sliding_window" if getattr(model_config, "use_sliding_window", True) is False else None  # Qwen2
+    windows = [int(value) for key, value in named if value and key != unused]
     layer_types = getattr(model_config, "layer_types", None)
     if layer_types is not None and not any(t in ("sliding_attention", "chunked_attention") for t in layer_types):
         return None
@@ -49,7 +49,7 @@ def shared_layout_problem(model: torch.nn.Module) -> str | None:
     pairs = [TokenizedPair(ids(6), ids(4), ids(7), "probe"), TokenizedPair(ids(3), ids(8), ids(2), "probe")]
     device = next(model.parameters()).device
     try:
-        with torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False):
+        with eager_eval(model), torch.autocast(device.type, enabled=False):
             logps = [batch_logps(model, batch_to(collate(pairs, 0), device)).logps
                      for collate in (collate_pairs, collate_pairs_prefix_shared,
                                      lambda p, pad: collate_pairs_packed(p, pad, row_length=40))]

@@ -203,8 +203,11 @@ def fit(
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         step = state["step"]
         order.load(state["data"])
-        # the window's sums were saved summed over processes: process 0 holds them, the others start empty
-        acc = _stats_from_state(state.get("metrics_window", {}), device) if procs.is_main else {}
+        # the window's sums were saved summed over processes: process 0 holds them, the others the same names at
+        # zero (every process must sum the same names, or their collectives would not match)
+        acc = _stats_from_state(state.get("metrics_window", {}), device)
+        if not procs.is_main:
+            acc = {name: (torch.zeros_like(s), torch.zeros_like(c)) for name, (s, c) in acc.items()}
         metrics.truncate_after(step)
     elif resume:
         metrics.truncate_after(0)
@@ -224,10 +227,10 @@ def fit(
                 total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64))) / procs.world
             timer.lap("data", host=True)
             for k, batch in enumerate(micro):
-                with autocast_context(device, precision):
-                    out = step_fn(batch_to(batch, device))
-                timer.lap("forward")
-                with procs.no_sync(skip=k < len(micro) - 1):
+                with procs.no_sync(skip=k < len(micro) - 1):  # forward and backward: DDP's rule
+                    with autocast_context(device, precision):
+                        out = step_fn(batch_to(batch, device))
+                    timer.lap("forward")
                     (out.loss / max(total_weight, 1.0 / procs.world)).backward()
                 timer.lap("backward")
                 _add(acc, out.stats)
