@@ -28,7 +28,7 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
     """2 processes x (batch 1 x 2 accumulation steps) = 1 process x batch 4: the same weights and metrics rows
     (the loss is normalised by the global pair count, metrics are summed over processes), one metrics file
     written once, one checkpoint and policy."""
-    data = [f"data.train={pairs_file}"]
+    data = [f"data.train={pairs_file}", "data.eval_fraction=0.5"]  # 4 train pairs, 4 held out
     single = _run(COMMON + data + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 0, single.stderr[-3000:]
     # a launcher's mixed-precision setting must not slip accelerate's autocast under train.precision=fp32
@@ -36,9 +36,12 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
                  {"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
-    for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+                "eval/loss", "eval/rewards/accuracies", "eval/logps/chosen"):  # eval: 2 pairs per process, summed
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
+                                                                    abs=1e-6), key
+    assert len([r for r in two if "eval/loss" in r]) == 1
     assert one[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
     wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("one", "two"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 5e-5  # Adam on float-rounding noise: see 1x8
@@ -75,12 +78,13 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, p
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
-@pytest.mark.parametrize("command, keys", [("sft", ("loss", "grad_norm")),
-                                           ("reward", ("loss", "grad_norm", "accuracy", "rewards/margins"))])
+@pytest.mark.parametrize("command, keys", [("sft", ("loss", "grad_norm", "eval/loss", "eval/perplexity")),
+                                           ("reward", ("loss", "grad_norm", "accuracy", "rewards/margins",
+                                                       "eval/loss", "eval/accuracy"))])
 def test_sft_and_reward_on_two_processes_equal_one(tmp_path, pairs_file, command, keys):
     """SFT normalises by tokens, which differ between the processes' slices: the global token count makes 2 x
     batch 2 equal 1 x batch 4. The reward model trains the same way as DPO."""
-    args = COMMON + [f"data.train={pairs_file}"]
+    args = COMMON + [f"data.train={pairs_file}", "data.eval_fraction=0.5"]
     single = _run(args + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1, command=command)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = _run(args + ["train.batch_size=2", f"run.dir={tmp_path / 'two'}"], 2, command=command)

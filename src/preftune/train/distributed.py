@@ -2,12 +2,13 @@
 ``accelerate`` sets up the process group (gloo on CPUs, NCCL on GPUs) and wraps the policy in
 DistributedDataParallel. A single process (``WORLD_SIZE`` unset or 1) touches none of it.
 
-What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``): ``train.batch_size`` is per process,
-so a step sees N x batch_size x grad_accum_steps pairs (or examples); every process walks the same seeded data order and takes its own
-contiguous slice of each global batch; the loss is normalised by the GLOBAL pair or token count (summed across processes)
-and scaled by N, since DDP averages gradients, so the update equals one process with N x batch_size (tested on
-2 CPU processes); metrics are summed across processes before they are reduced; process 0 writes the run
-directory, metrics, checkpoints and the final policy, and the others wait for it.
+What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``): ``train.batch_size`` is per
+process, so a step sees N x batch_size x grad_accum_steps pairs (or examples); every process walks the same
+seeded data order and takes its own contiguous slice of each global batch; the loss is normalised by the GLOBAL
+pair or token count (summed across processes) and scaled by N, since DDP averages gradients, so the update
+equals one process with N x batch_size (tested on 2 CPU processes); metrics are summed across processes before
+they are reduced; each process evaluates its share of the eval split; process 0 writes the run directory,
+metrics, checkpoints and the final policy, and the others wait for it.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ class Processes:
                             for name in names for v in stats[name]])
         total = self.sum(flat)
         return {name: (total[2 * i], total[2 * i + 1]) for i, name in enumerate(names)}
+
+    def eval_shard(self, items: list) -> tuple[list, bool]:
+        """(this process's share of an eval split, whether it is shared out): every ``world``-th item, so each
+        process evaluates about 1/world of it, then ``sum_stats`` adds the sums up. A split smaller than the
+        number of processes is evaluated whole by each (every process must produce the same metric names)."""
+        if self.world == 1 or len(items) < self.world:
+            return items, False
+        return items[self.rank::self.world], True
 
     def no_sync(self, skip: bool):
         """Inside: the backward does not all-reduce gradients (a micro-batch before the last of a step)."""

@@ -108,9 +108,11 @@ def dpo_step(policy, reference, loss_fn, sft_weight, batch) -> StepOutput:
 @torch.no_grad()
 def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_id: int, batch_size: int,
                    device: torch.device, sft_weight: float = 0.0, precision: str = "fp32",
-                   collate=collate_pairs) -> dict[str, float]:
+                   collate=collate_pairs, procs: Processes | None = None) -> dict[str, float]:
     """Held-out preference metrics, averaged exactly over all pairs, under the training precision (so that
-    precomputed reference log-probs and live ones agree)."""
+    precomputed reference log-probs and live ones agree); shared out over several processes."""
+    procs = procs if procs is not None else Processes()
+    items, shared = procs.eval_shard(items)
     was_training = policy.training
     policy.eval()
     acc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -121,6 +123,7 @@ def evaluate_pairs(policy, reference, loss_fn, items: list[TokenizedPair], pad_i
         for name, (s, c) in stats.items():
             acc[name] = (acc[name][0] + s, acc[name][1] + c) if name in acc else (s, c)
     policy.train(was_training)
+    acc = procs.sum_stats(acc) if shared else acc
     return {name: (s / c).item() for name, (s, c) in acc.items()}
 
 
@@ -213,7 +216,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, policy, reference, loss_fn, eval_items, pad_id,
-                                    cfg.train.eval_batch_size, device, sft_weight, precision, collate)
+                                    cfg.train.eval_batch_size, device, sft_weight, precision, collate, procs)
     stepped = procs.wrap(LogpsModule(policy)) if procs.world > 1 else policy
     result = fit(
         model=policy, items=train_items, collate=functools.partial(collate, pad_id=pad_id),

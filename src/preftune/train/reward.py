@@ -95,8 +95,11 @@ def reward_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepO
 
 @torch.no_grad()
 def evaluate_reward(model: torch.nn.Module, items: list[TokenizedPair], pad_id: int, batch_size: int,
-                    device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """Held-out pairwise metrics, averaged exactly over all pairs, under the training precision."""
+                    device: torch.device, precision: str = "fp32", procs: Processes | None = None) -> dict[str, float]:
+    """Held-out pairwise metrics, averaged exactly over all pairs, under the training precision; shared out over
+    several processes."""
+    procs = procs if procs is not None else Processes()
+    items, shared = procs.eval_shard(items)
     was_training = model.training
     model.eval()
     acc: Stats = {}
@@ -107,6 +110,7 @@ def evaluate_reward(model: torch.nn.Module, items: list[TokenizedPair], pad_id: 
         for name, (s, c) in stats.items():
             acc[name] = (acc[name][0] + s, acc[name][1] + c) if name in acc else (s, c)
     model.train(was_training)
+    acc = procs.sum_stats(acc) if shared else acc
     return {name: (s / c).item() for name, (s, c) in acc.items()}
 
 
@@ -142,7 +146,7 @@ def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_reward, model, eval_items, pad_id, cfg.train.eval_batch_size,
-                                    device, precision)
+                                    device, precision, procs)
     stepped = procs.wrap(model) if procs.world > 1 else model
     result = fit(model=model, items=train_items, collate=functools.partial(collate_pairs, pad_id=pad_id),
                  step_fn=functools.partial(reward_step, stepped), weight_fn=lambda b: float(b["n_pairs"]),

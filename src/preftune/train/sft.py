@@ -50,13 +50,19 @@ def _weight(batch: dict[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.device,
+                      procs: Processes | None = None) -> dict[str, float]:
+    """Held-out token-mean NLL and perplexity; shared out over several processes."""
+    procs = procs if procs is not None else Processes()
+    items, shared = procs.eval_shard(items)
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     for start in range(0, len(items), batch_size):
         batch = batch_to(collate_examples(items[start:start + batch_size], pad_id), device)
         nll, n = sft_forward(model, batch)
         total, count = total + nll, count + n
+    if shared:
+        total, count = procs.sum_stats({"loss": (total, count)})["loss"]
     loss = (total / count.clamp(min=1)).item()
     return {"loss": loss, "perplexity": float(torch.tensor(loss).exp())}
 
@@ -78,7 +84,8 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     eval_fn = None
     if eval_items:
-        eval_fn = functools.partial(evaluate_examples, model, eval_items, pad_id, cfg.train.eval_batch_size, device)
+        eval_fn = functools.partial(evaluate_examples, model, eval_items, pad_id, cfg.train.eval_batch_size, device,
+                                    procs)
     stepped = procs.wrap(LogpsModule(model)) if procs.world > 1 else model
     result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
                  step_fn=functools.partial(sft_step, stepped), weight_fn=_weight, cfg=cfg.train, run_dir=run_dir,
