@@ -13,14 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
+from preftune.config import config_help
 
-def _config_help() -> str:
-    from preftune.config import config_help
-
-    return config_help()
-
-
-_CONFIG_HELP = _config_help()
+_CONFIG_HELP = config_help()
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
