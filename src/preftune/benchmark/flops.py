@@ -32,7 +32,6 @@ def mfu(tokens_per_s: float | None, flops_token: int, peak_tflops: float | None)
     return tokens_per_s * flops_token / (peak_tflops * 1e12)
 
 
-
 def count_parameters(model_dir: str) -> int:
     """N of the 8N accounting: every parameter, a tied embedding once (built on the meta device: no memory)."""
     import torch

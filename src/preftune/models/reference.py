@@ -104,7 +104,7 @@ class PrecomputedReference:
 
 def weights_identity(spec: str, seed: int) -> str:
     """A content hash of the reference weights named by ``spec`` (files on disk, or the tiny model's seed and
-    config), computed without loading the model; memoised per (path, size, mtime) in this process."""
+    config), computed without loading the model; each file's digest is remembered (``load.file_digest``)."""
     from preftune.models.load import TINY_ALIAS, file_digest, resolve_spec
     from preftune.models.lora import base_of, is_adapter_dir
 

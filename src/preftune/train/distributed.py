@@ -63,6 +63,15 @@ class Processes:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def pick_device(self, cfg) -> torch.device:
+        """This process's device: accelerate's (one GPU per process) under several processes, else
+        ``train.device`` (``common.pick_device``)."""
+        if self.world > 1:
+            return self.device
+        from preftune.train.common import pick_device
+
+        return pick_device(cfg)
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` in DistributedDataParallel (accelerate's ``prepare_model``); remembered as ``ddp``."""
         self.ddp = self.accelerator.prepare_model(module)

@@ -19,8 +19,7 @@ from preftune.models.logprobs import LogpsModule, SequenceLogps, autocast_contex
 from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
-from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
-                                   setup_threads)
+from preftune.train.common import load_splits, prepare_for_training, resolve_precision, save_policy, setup_threads
 from preftune.train.distributed import Processes
 from preftune.train.layout import resolve_layout
 from preftune.train.loop import StepOutput, fit
@@ -201,7 +200,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "dpo", resume)
-    device = procs.device if procs.world > 1 else pick_device(cfg)
+    device = procs.pick_device(cfg)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(
         cfg, loss_fn, tokenizer, {"train": train_items, "eval": eval_items}, device, precision, procs)
@@ -224,13 +223,10 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> dict:
         weight_fn=lambda b: float(b["n_pairs"]), cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn,
         resume=resume, device=device, precision=precision, procs=procs,
     )
-    if not procs.is_main:
-        procs.barrier()
-        return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval}
-    if cfg.train.save_final:
+    if procs.is_main and cfg.train.save_final:
         save_policy(cfg, policy, tokenizer, run_dir)
     procs.barrier()
-    if cfg.run.plot:
+    if procs.is_main and cfg.run.plot:
         from preftune.eval.plots import plot_training
 
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind="dpo")

@@ -8,7 +8,8 @@ import logging
 import torch
 
 from preftune.config import Config, ConfigError
-from preftune.data.collate import batch_to, collate_pairs, triple_length
+from preftune.data.collate import (batch_to, collate_pairs, collate_pairs_packed, collate_pairs_prefix_shared,
+                                   triple_length)
 from preftune.data.tokenize import TokenizedPair
 from preftune.models.logprobs import batch_logps, eager_eval
 
@@ -37,8 +38,6 @@ def shared_layout_problem(model: torch.nn.Module) -> str | None:
     convolution and linear-attention layers (Jamba, Zamba 2, LFM2, Qwen3-Next, ...) see across the mask, and
     ALiBi (MPT) biases by place in the row. Decided by the config's layer types, then by a probe: two short
     pairs in all three layouts, fp32, eager."""
-    from preftune.data.collate import collate_pairs_packed, collate_pairs_prefix_shared
-
     other = sorted(set(getattr(getattr(model, "config", None), "layer_types", None) or ()) - _ATTENTION_LAYERS)
     if other:
         return f"its {', '.join(other)} layers do not follow an attention mask"

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from preftune import faults
-from preftune.train.distributed import single_process_only
 from preftune.config import Config, ConfigError, DataConfig, DPOConfig, TrainConfig, load_config, save_config
 from preftune.errors import InputError
 from preftune.rl.ppo_math import AdaptiveKLController, FixedKLController, masked_sum
 from preftune.rl.ppo_steps import PolicyWithValue, compute_advantages, ppo_update, rollout
+from preftune.train.distributed import single_process_only
 
 log = logging.getLogger(__name__)
 EvalHook = Callable[[nn.Module, int], "dict[str, float] | None"]

@@ -22,7 +22,7 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.models.load import load_tokenizer
 from preftune.models.logprobs import autocast_context
 from preftune.models.reward_model import HEAD_INITS, RewardModel, build_reward_model, reward_statistics
-from preftune.train.common import pick_device, prepare_for_training, resolve_precision, setup_threads
+from preftune.train.common import prepare_for_training, resolve_precision, setup_threads
 from preftune.train.distributed import Processes
 from preftune.train.dpo import load_tokenized_pairs
 from preftune.train.loop import StepOutput, fit
@@ -131,7 +131,7 @@ def run_reward(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "reward", resume)
-    device = procs.device if procs.world > 1 else pick_device(cfg)
+    device = procs.pick_device(cfg)
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,
              len(train_items), len(eval_items), device, precision)

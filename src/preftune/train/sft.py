@@ -19,9 +19,8 @@ from preftune.data.tokenize import TokenizedExample, tokenize_example
 from preftune.models.load import load_causal_lm, load_tokenizer
 from preftune.models.logprobs import LogpsModule, module_logps
 from preftune.models.lora import apply_lora
+from preftune.train.common import load_splits, prepare_for_training, resolve_precision, save_policy, setup_threads
 from preftune.train.distributed import Processes
-from preftune.train.common import (load_splits, pick_device, prepare_for_training, resolve_precision, save_policy,
-                                   setup_threads)
 from preftune.train.loop import StepOutput, fit
 from preftune.train.rundir import read_metrics
 
@@ -73,7 +72,7 @@ def run_sft(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "sft", resume)
-    device = procs.device if procs.world > 1 else pick_device(cfg)
+    device = procs.pick_device(cfg)
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),
              len(eval_items), device, precision)
