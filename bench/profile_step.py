@@ -41,7 +41,7 @@ def main() -> None:
     from preftune.models.load import load_causal_lm, load_reference
     from preftune.models.logprobs import autocast_context
     from preftune.models.reference import FrozenReference
-    from preftune.train.dpo import dpo_forward
+    from preftune.train.objectives import dpo_forward
     from preftune.train.optim import build_optimizer
 
     if args.data:

@@ -4,7 +4,7 @@ and batch.
     python bench/reference_modes.py [--model smollm2-135m] [--steps 12] [--batch-size 8] [--out FILE.json]
     python bench/reference_modes.py --variants model/padded,model/prefix_shared --prompt-words 300 --repeats 2
 
-Each mode runs `run_dpo` in a fresh child process (so peak RSS is that mode's own), on the same synthetic
+Each mode runs the `preftune dpo` recipe in a fresh child process (so peak RSS is that mode's own), on the same synthetic
 review pairs (built deterministically from the Rotten Tomatoes snippets the oracle uses: prompt = the opening
 of a snippet, chosen/rejected = continuations from a fresh and a rotten snippet). pairs/s is the mean over
 logged steps after the first two (warm-up); the one-off precompute pass is reported separately.
@@ -42,7 +42,7 @@ def make_pairs(path: Path, n: int, prompt_words: int = 6) -> None:
 
 def child(variant: str, model: str, data: str, steps: int, batch_size: int, run_dir: str) -> None:
     from preftune.config import load_config
-    from preftune.train.dpo import run_dpo
+    from preftune.recipes.dpo import run as run_dpo
     from preftune.train.rundir import read_metrics
 
     t0 = time.perf_counter()

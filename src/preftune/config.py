@@ -8,17 +8,16 @@ naming the key. The resolved config is saved into every run directory (``config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, named by its dotted key."""
+from preftune.errors import ConfigError
 
 
 @dataclass
@@ -106,6 +105,11 @@ class RunConfig:
 
 @dataclass
 class Config:
+    """The preference-training config (``preftune dpo`` and ``preftune eval``) and the shared vocabulary: another
+    command's config holds only the sections it reads, under the same names."""
+
+    COMMANDS: ClassVar[tuple[str, ...]] = ("dpo", "eval")
+
     model: str = "smollm2-135m"  # alias (smollm2-135m, tiny), local HF dir, .gguf file, or hub id
     ref_model: str | None = None  # the reference; defaults to `model` (loaded separately, frozen)
     trust_remote_code: bool = False
@@ -151,8 +155,12 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    """Apply a nested dict onto a dataclass instance in place, strictly."""
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "", command: str | None = None,
+           skip_defaults: bool = False) -> None:
+    """Apply a nested dict onto a dataclass instance in place, strictly. ``command``: the command whose own config
+    ``obj`` is (a key of the shared vocabulary that it lacks is "not used by <command>"); ``skip_defaults``: such a
+    key is passed over when it holds the vocabulary's default (a run's config.yaml saved when the command's
+    config still carried that section)."""
     if not isinstance(updates, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {updates!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -160,22 +168,62 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in fields:
+            if command is not None and _in_vocabulary(key):
+                if skip_defaults and _is_vocabulary_default(key, value):
+                    continue
+                raise ConfigError(_not_used(obj, command, key, value))
             known = ", ".join(prefix + f for f in fields)
             raise ConfigError(f"unknown config key '{key}' (known: {known})")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, prefix=f"{key}.")
+            _merge(current, value, prefix=f"{key}.", command=command, skip_defaults=skip_defaults)
         else:
             setattr(obj, name, _check_value(key, value, hints[name]))
 
 
-def _validate(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
-    d, t = cfg.data, cfg.train
+def _vocabulary_node(key: str) -> Any:
+    """The default at ``key`` in the shared vocabulary (``Config``, the preference-training config); a KeyError
+    when no command knows the key."""
+    node: Any = Config()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise KeyError(key)
+        node = getattr(node, part)
+    return node
+
+
+def _in_vocabulary(key: str) -> bool:
+    try:
+        _vocabulary_node(key)
+    except KeyError:
+        return False
+    return True
+
+
+def _is_vocabulary_default(key: str, value: Any) -> bool:
+    node = _vocabulary_node(key)
+    return (dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node) == value
+
+
+def _not_used(obj: Any, command: str, key: str, value: Any) -> str:
+    """The error for a key of the shared vocabulary that ``command``'s config lacks: the leaf key it names, and
+    where the setting lives instead when the section says so (its ``INSTEAD`` mapping)."""
+    leaf = key
+    while isinstance(value, dict) and value:  # name the first key set away from its default (else the first)
+        known = [n for n in value if _in_vocabulary(f"{leaf}.{n}")]
+        if not known:
+            break
+        name = next((n for n in known if not _is_vocabulary_default(f"{leaf}.{n}", value[n])), known[0])
+        leaf, value = f"{leaf}.{name}", value[name]
+    instead = getattr(obj, "INSTEAD", {}).get(key.rsplit(".", 1)[-1])
+    if instead is not None:
+        return f"config key '{leaf}' is not used by {command} (set {instead})"
+    section = key.split(".")[0]
+    where = f" (it has no '{section}' section)" if "." not in key and "." in leaf else ""
+    return f"config key '{leaf}' is not used by {command}{where}"
+
+
+def _check_data(d: DataConfig) -> None:
     if d.max_prompt_tokens < 1:
         raise ConfigError("config key 'data.max_prompt_tokens' must be >= 1: the last prompt token predicts the "
                           "first response token")
@@ -183,24 +231,50 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.max_prompt_tokens' must be below 'data.max_length' (responses need room)")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
+    if d.max_pairs_per_prompt is not None and d.max_pairs_per_prompt < 1:
+        raise ConfigError("config key 'data.max_pairs_per_prompt' must be >= 1 (or null for all pairs)")
+
+
+def _check_train(t: TrainConfig) -> None:
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                        ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)):
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    if d.max_pairs_per_prompt is not None and d.max_pairs_per_prompt < 1:
-        raise ConfigError("config key 'data.max_pairs_per_prompt' must be >= 1 (or null for all pairs)")
-    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+
+
+def _check_dpo(p: DPOConfig) -> None:
+    if not 0.0 <= p.label_smoothing < 0.5:
         raise ConfigError("config key 'dpo.label_smoothing' must be in [0, 0.5)")
     from preftune.losses import loss_names
 
-    if cfg.dpo.loss not in loss_names():
-        raise ConfigError(f"config key 'dpo.loss': {cfg.dpo.loss!r} is not one of {', '.join(loss_names())}")
-    if cfg.dpo.beta <= 0:
+    if p.loss not in loss_names():
+        raise ConfigError(f"config key 'dpo.loss': {p.loss!r} is not one of {', '.join(loss_names())}")
+    if p.beta <= 0:
         raise ConfigError("config key 'dpo.beta' must be > 0")
-    if cfg.dpo.sft_weight < 0:
+    if p.sft_weight < 0:
         raise ConfigError("config key 'dpo.sft_weight' must be >= 0")
-    if cfg.lora.r < 1:
+
+
+def _check_lora(lora: LoRAConfig) -> None:
+    if lora.r < 1:
         raise ConfigError("config key 'lora.r' must be >= 1")
+
+
+_SECTION_CHECKS = {DataConfig: _check_data, TrainConfig: _check_train, DPOConfig: _check_dpo, LoRAConfig: _check_lora}
+
+
+def _validate(cfg: Any) -> None:
+    """The checks of every section the config holds (a command's config holds only the sections it reads)."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section, None), name, None)
+        if hasattr(cfg, section) and hasattr(getattr(cfg, section), name) and value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        check = _SECTION_CHECKS.get(type(section))
+        if check is not None:
+            check(section)
 
 
 def _field_hint(cfg: Config, key: str) -> Any:
@@ -244,9 +318,12 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: Config | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, strictly checked."""
+                base: Any = None, *, skip_defaults: bool = False) -> Any:
+    """Defaults <- YAML file <- overrides, strictly checked, onto ``base`` (a command's config; default the
+    preference-training ``Config``). A YAML file may name its command (``command: dpo``, first key by convention):
+    given to another command's config it is refused. ``skip_defaults``: see ``_merge`` (resuming a saved run)."""
     cfg = base if base is not None else Config()
+    command = getattr(type(cfg), "COMMAND", None)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -255,10 +332,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        _merge(cfg, loaded)
+        if isinstance(loaded, dict) and "command" in loaded:
+            named = loaded.pop("command")
+            commands = getattr(type(cfg), "COMMANDS", (command,) if command else ())
+            if named not in commands:
+                raise ConfigError(f"{path} is a config for `preftune {named}`, not for "
+                                  f"`preftune {' / '.join(commands) or 'dpo'}`")
+        _merge(cfg, loaded, command=command, skip_defaults=skip_defaults)
     for text in overrides:
         key, value = parse_override(text, cfg)
-        _merge(cfg, _nest(key, value))
+        _merge(cfg, _nest(key, value), command=command)
     _validate(cfg)
     return cfg
 
@@ -267,20 +350,23 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+def save_config(cfg: Any, path: str | Path, command: str | None = None) -> None:
+    """The resolved config as YAML; ``command`` (the command it was run by) is written first when given."""
+    data = ({"command": command} if command else {}) | to_dict(cfg)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def _field_notes() -> dict[str, dict[str, str]]:
-    """Per config class of this module, each field's comment in the source: the comment at the end of its line,
-    else the comment lines right above it. One pass over this file (``inspect.getsourcelines`` per class cost
+@functools.lru_cache(maxsize=None)
+def _field_notes(source: str) -> dict[str, dict[str, str]]:
+    """Per config class of the module in file ``source``, each field's comment: the comment at the end of its line,
+    else the comment lines right above it. One pass over the file (``inspect.getsourcelines`` per class cost
     ~20 ms, and the help text is built at every CLI start)."""
     import re
 
     notes: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     above: list[str] = []
-    for line in Path(__file__).read_text(encoding="utf-8").splitlines():
+    for line in Path(source).read_text(encoding="utf-8").splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(stripped.lstrip("# ").rstrip())
@@ -296,28 +382,39 @@ def _field_notes() -> dict[str, dict[str, str]]:
     return notes
 
 
-def config_keys(cls: type = None, prefix: str = "", notes: dict[str, dict[str, str]] | None = None
-                ) -> list[tuple[str, Any, str]]:
-    """(dotted key, default, note) for every leaf key of the config, in declaration order."""
+def _notes_of(cls: type) -> dict[str, str]:
+    import sys
+
+    source = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return _field_notes(source).get(cls.__name__, {}) if source else {}
+
+
+def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, note) for every leaf key of a config class (default ``Config``), in declaration
+    order; notes are the fields' comments in their class's source."""
     cls = cls or Config
-    notes = notes if notes is not None else _field_notes()
+    notes = _notes_of(cls)
     out = []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            out += config_keys(type(default), f"{prefix}{f.name}.", notes)
+            out += config_keys(type(default), f"{prefix}{f.name}.")
         else:
-            out.append((f"{prefix}{f.name}", default, notes.get(cls.__name__, {}).get(f.name, "")))
+            out.append((f"{prefix}{f.name}", default, notes.get(f.name, "")))
     return out
 
 
-def config_help() -> str:
-    """Every config key with its default and note, generated from the dataclasses (so it cannot drift)."""
+def config_help(cls: type = None, sections: tuple[str, ...] | None = None) -> str:
+    """Every config key of a command's config class (default ``Config``) with its default and note, generated from
+    the dataclasses (so it cannot drift); ``sections``: only the keys under these."""
     def shown(value: Any) -> str:
         return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
-    lines = ["config keys (default in parentheses; from preftune/config.py):"]
-    for key, default, note in config_keys():
+    cls = cls or Config
+    lines = [f"config keys (default in parentheses; from {cls.__module__.replace('.', '/')}.py and its sections):"]
+    for key, default, note in config_keys(cls):
+        if sections is not None and key.split(".")[0] not in sections:
+            continue
         choices = _CHOICES.get(key)
         if choices and not note.startswith(choices[0]):
             note = " | ".join(choices) + (f": {note}" if note else "")

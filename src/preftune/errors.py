@@ -1,14 +1,53 @@
-"""The errors that mean "bad input": the CLI prints them in one line and exits with status 2."""
+"""The errors that mean "bad input", defined here for every layer to raise; the CLI prints them in one line and
+exits with status 2. This module imports nothing of preftune's, so any module can use it."""
 
 from __future__ import annotations
 
-from preftune.config import ConfigError
-from preftune.data.records import DataError
-from preftune.models.load import ModelSpecError
+
+class ConfigError(ValueError):
+    """A config problem, named by its dotted key."""
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing loadable."""
 
 
 class InputError(ValueError):
     """Another user-facing input problem (missing file, empty data set, wrong option value)."""
+
+
+def default_reason(field: str | None, message: str) -> str:
+    """A short, record-independent key for grouping skipped records (no positions, no values)."""
+    if field is None or message.startswith(field):
+        return message
+    if message.startswith("missing field"):
+        return f"missing field '{field}'"
+    return f"field '{field}': {message}"
+
+
+class DataError(ValueError):
+    """Bad input, located: ``str(err) == f"{file}:{line}: field '{field}': {message}"``.
+
+    ``reason`` is a short, record-independent key (no positions, no values) used to group skipped
+    records in ``SkipReport``; it defaults to one derived from ``field`` and ``message``.
+    """
+
+    def __init__(self, file: str, line: int | None, field: str | None, message: str, *, reason: str | None = None):
+        self.file, self.line, self.field, self.message = file, line, field, message
+        self.reason = reason or default_reason(field, message)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        what = self.message if self.field is None else f"field '{self.field}': {self.message}"
+        return f"{where}: {what}"
+
+    def __reduce__(self):  # keep the error picklable (multiprocessing data workers)
+        return (_rebuild_error, (self.file, self.line, self.field, self.message, self.reason))
+
+
+def _rebuild_error(file, line, field, message, reason) -> DataError:
+    return DataError(file, line, field, message, reason=reason)
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelSpecError, InputError,

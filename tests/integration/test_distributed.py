@@ -39,6 +39,7 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
     assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
     for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
                 "eval/loss", "eval/rewards/accuracies", "eval/logps/chosen"):  # eval: 2 pairs per process, summed
+        assert any(key in r for r in one) and any(key in r for r in two), key  # a renamed metric is not "equal"
         assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
                                                                     abs=1e-6), key
     assert len([r for r in two if "eval/loss" in r]) == 1
@@ -92,6 +93,7 @@ def test_sft_and_reward_on_two_processes_equal_one(tmp_path, pairs_file, command
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
     assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
     for key in keys:
+        assert any(key in r for r in one) and any(key in r for r in two), key  # a renamed metric is not "equal"
         assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
                                                                     abs=1e-6), key
 
@@ -109,7 +111,7 @@ def test_resume_at_the_last_step_with_an_open_metrics_window_finishes(tmp_path, 
 
 def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
     from preftune.config import ConfigError
-    from preftune.train.ppo import PPORunConfig, run_ppo
+    from preftune.recipes.ppo import PPORunConfig, run as run_ppo
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="preftune ppo runs in one process"):

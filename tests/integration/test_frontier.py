@@ -36,7 +36,7 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
 
     # the same --out again: every finished run is reused (same settings), and the points are the same
     first = points
-    caplog.set_level("INFO", logger="preftune.experiments.frontier")
+    caplog.set_level("INFO", logger="preftune.recipes.frontier")
     assert main(args) == 0
     assert sum("reusing" in r.getMessage() for r in caplog.records) == 5  # DPO, Preferred-FT, RM, PPO, PPO-GT
     assert json.loads((out / "frontier.json").read_text())["points"] == first
@@ -57,7 +57,7 @@ def test_reuse_keys_hold_only_set_values():
     """A reuse key lists the values that differ from the defaults: a key added later at its default leaves old
     keys valid, and any set value still changes the key."""
     from preftune.config import TrainConfig
-    from preftune.experiments.frontier import _changed
+    from preftune.recipes.frontier import _changed
 
     assert _changed(TrainConfig(), TrainConfig()) == {}
     assert _changed(TrainConfig(lr=1e-3, seed=3), TrainConfig()) == {"lr": 1e-3, "seed": 3}

@@ -108,8 +108,8 @@ def test_ppo_learns_to_say_good(tmp_path):
     reward for " good" must raise the reward and lower the entropy within 10 iterations; the eval hook runs
     every 5 iterations and is logged."""
     from preftune.config import load_config
-    from preftune.train.ppo import load_ppo_config, run_ppo
-    from preftune.train.sft import run_sft
+    from preftune.recipes.ppo import load_ppo_config, run as run_ppo
+    from preftune.recipes.sft import run as run_sft
 
     rng = random.Random(0)
     sft_rows = [{"prompt": p, "completion": "".join(rng.choice([" good", " bad"]) for _ in range(6))}
@@ -185,8 +185,8 @@ def test_bad_ppo_config_exits_2_before_loading(tmp_path, capsys, override, messa
 
 
 def test_help_lists_every_ppo_key_with_its_default():
-    from preftune.train.ppo import PPOSettings
-    from preftune.train.ppo_cli import _PPO_KEYS
+    from preftune.rl.settings import PPOSettings
+    from preftune.recipes.ppo import _PPO_KEYS
 
     for f in dataclasses.fields(PPOSettings):
         default = f.default

@@ -45,11 +45,14 @@ def test_model_and_precomputed_give_the_same_losses(tmp_path, pairs_file, sft_re
             for mode in ("model", "precomputed")}
     first = runs["model"][0]
     assert first["loss"] != pytest.approx(0.6931472, abs=1e-3)  # a real reference, not the policy's copy
+    # training rows (eval rows are separate); indexing with [key] fails if a metric goes missing or is renamed
+    train = {m: [r for r in rows if not any(k.startswith("eval/") for k in r)] for m, rows in runs.items()}
+    assert train["model"] and len(train["model"]) == len(train["precomputed"])
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"):
-        assert [r.get(key) for r in runs["model"]] == pytest.approx([r.get(key) for r in runs["precomputed"]],
-                                                                    abs=1e-5), key
+        assert [r[key] for r in train["model"]] == pytest.approx([r[key] for r in train["precomputed"]],
+                                                                 abs=1e-5), key
     evals = [[r["eval/loss"] for r in runs[m] if "eval/loss" in r] for m in runs]
-    assert evals[0] == pytest.approx(evals[1], abs=1e-5)
+    assert evals[0] and evals[0] == pytest.approx(evals[1], abs=1e-5)
 
 
 def test_adapter_reference_is_the_base_and_matches_a_frozen_copy(tmp_path, pairs_file, capsys):
@@ -76,7 +79,7 @@ def test_precomputed_cache_reuse_and_invalidation(tmp_path, pairs_file, caplog, 
     assert "computing" in caplog.text
     caplog.clear()
 
-    import preftune.train.dpo as dpo
+    import preftune.train.policy as dpo
 
     def no_reference(*a, **k):
         raise AssertionError("the reference model was loaded although the cache holds its log-probs")

@@ -33,8 +33,8 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
 
 @pytest.mark.parametrize("command", ["dpo", "sft"])
 def test_grad_accumulation_1x8_equals_8x1(tmp_path, pairs_file, command):
-    from preftune.train.dpo import run_dpo
-    from preftune.train.sft import run_sft
+    from preftune.recipes.dpo import run as run_dpo
+    from preftune.recipes.sft import run as run_sft
 
     run = run_dpo if command == "dpo" else run_sft
     dirs = {}
@@ -59,7 +59,9 @@ def test_grad_accumulation_1x8_equals_8x1(tmp_path, pairs_file, command):
 def test_sft_loss_is_token_mean_over_the_whole_step(tmp_path):
     """Two examples of very different lengths: the logged loss is total NLL / total tokens (not a mean of means)."""
     from preftune.models.load import load_causal_lm, load_tokenizer
-    from preftune.train.sft import evaluate_examples, load_tokenized_examples, run_sft
+    from preftune.data.splits import load_tokenized_examples
+    from preftune.recipes.sft import run as run_sft
+    from preftune.train.objectives import evaluate_examples
 
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "A", "completion": " b"},
                                                 {"prompt": "C", "completion": " d e f g h i j k l m n o p q"}])
@@ -148,7 +150,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_usable(tmp_path, pairs_file):
 
 
 def test_shared_and_packed_training_match_padded(tmp_path, pairs_file):
-    from preftune.train.dpo import run_dpo
+    from preftune.recipes.dpo import run as run_dpo
 
     rows = {}
     for layout in ("padded", "prefix_shared", "packed"):
@@ -159,6 +161,7 @@ def test_shared_and_packed_training_match_padded(tmp_path, pairs_file):
         rows[layout] = read_metrics(tmp_path / layout / "metrics.jsonl")
     for layout in ("prefix_shared", "packed"):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss"):
+            assert any(key in r for r in rows["padded"]) and any(key in r for r in rows[layout]), (layout, key)
             assert [r[key] for r in rows["padded"] if key in r] == pytest.approx(
                 [r[key] for r in rows[layout] if key in r], rel=1e-4, abs=1e-5), (layout, key)
 
@@ -167,7 +170,7 @@ def test_shared_and_packed_training_match_padded(tmp_path, pairs_file):
 def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, pairs_file, lora):
     """Recomputing activations in the backward gives the same losses, gradients and weights (also under LoRA,
     whose frozen embeddings give the checkpointed layers inputs that need no grad)."""
-    from preftune.train.dpo import run_dpo
+    from preftune.recipes.dpo import run as run_dpo
 
     for gc in (False, True):
         run_dpo(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=3", "train.batch_size=4",
@@ -180,7 +183,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, pairs_file,
 
 
 def test_gradient_checkpointing_is_switched_on(tiny_model):
-    from preftune.train.common import prepare_for_training
+    from preftune.train.runtime import prepare_for_training
 
     assert not tiny_model.is_activation_checkpointing
     prepare_for_training(tiny_model, load_config(None, ["train.gradient_checkpointing=true"]))
@@ -188,7 +191,7 @@ def test_gradient_checkpointing_is_switched_on(tiny_model):
 
 
 def test_save_final_false_writes_metrics_only(tmp_path, pairs_file):
-    from preftune.train.dpo import run_dpo
+    from preftune.recipes.dpo import run as run_dpo
 
     run_dir = tmp_path / "run"
     run_dpo(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=2", "train.batch_size=4",
@@ -199,7 +202,7 @@ def test_save_final_false_writes_metrics_only(tmp_path, pairs_file):
 
 def test_train_device(monkeypatch):
     from preftune.config import ConfigError
-    from preftune.train.common import pick_device
+    from preftune.train.runtime import pick_device
 
     assert pick_device(load_config(None, ["train.device=cpu"])) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -213,7 +216,7 @@ def test_train_device(monkeypatch):
 def test_tied_embedding_gets_a_sparse_backward_and_the_same_dense_gradient(tiny_model, tiny_tokenizer):
     from preftune.models.load import load_causal_lm
     from preftune.models.logprobs import sequence_logps
-    from preftune.train.common import prepare_for_training
+    from preftune.train.runtime import prepare_for_training
 
     assert tiny_model.get_input_embeddings().weight is tiny_model.get_output_embeddings().weight  # tied
     plain = load_causal_lm("tiny", seed=0)
@@ -231,7 +234,7 @@ def test_tied_embedding_gets_a_sparse_backward_and_the_same_dense_gradient(tiny_
 def test_compiled_policy_trains_like_the_eager_one(tmp_path, pairs_file):
     """train.compile=true (inductor) gives the eager run's losses and gradient norms. The tied embedding keeps its
     dense backward there: inductor cannot compile a backward that makes a sparse gradient."""
-    from preftune.train.dpo import run_dpo
+    from preftune.recipes.dpo import run as run_dpo
 
     for compiled in (False, True):
         run_dpo(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=2", "train.batch_size=4",

@@ -31,9 +31,9 @@ def test_embedded_model_loads_and_ref_equals_policy_logps():
 
 
 def test_quick_demo_improves_oracle_reward(tmp_path):
-    from preftune.experiments.sentiment import run_demo
+    from preftune.recipes.demo import build_config, run as run_demo
 
-    summary = run_demo(quick=True, out=str(tmp_path / "demo"), overrides=["train.progress=false"])
+    summary = run_demo(build_config(None, ["train.progress=false"], quick=True), out=str(tmp_path / "demo"))
     assert summary["policy_reward"] > summary["reference_reward"]
     assert 0 < summary["kl"] < 20
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["pairs"] == summary["pairs"]

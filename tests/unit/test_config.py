@@ -5,6 +5,7 @@ Each test names, in a comment, the bug it catches.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from preftune.config import Config, ConfigError, load_config, save_config
+from preftune.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs"
@@ -164,7 +166,7 @@ def test_save_then_load_round_trips(tmp_path):
 
 def test_demo_config_round_trips(tmp_path):
     # Catches: a saved demo config (with its `demo:` section) that build_config cannot read back identically.
-    from preftune.experiments.sentiment import build_config
+    from preftune.recipes.demo import build_config
 
     cfg = build_config(None, ["demo.train_prompts=10", "dpo.beta=0.2"], quick=True)
     path = tmp_path / "config.yaml"
@@ -179,20 +181,14 @@ def test_shipped_config_parses(path):
         pytest.skip("configs/ has no YAML files yet")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     assert isinstance(raw, dict), f"{path}: top level must be a mapping"
-    if "demo" in raw:
-        from preftune.experiments.sentiment import build_config
-
-        build_config(str(path), [], quick=False)
-    elif "ppo" in raw:
-        from preftune.train.ppo import load_ppo_config
-
-        load_ppo_config(path)
-    elif "frontier" in raw:
-        from preftune.experiments.frontier import FrontierConfig
-
-        load_config(path, [], base=FrontierConfig())
-    else:
-        load_config(path)
+    # each shipped config names its command and is parsed with that command's own config (not by sniffing keys)
+    assert raw.get("command") in RECIPES, f"{path}: first key must be `command: <one of {', '.join(RECIPES)}>`"
+    recipe = importlib.import_module(f"preftune.recipes.{raw['command']}")
+    cfg = load_config(path, [], base=recipe.CONFIG())
+    getattr(recipe, "check_config", lambda cfg: None)(cfg)
+    for other in {"dpo", "sft", "reward", "ppo"} - {raw["command"]} - set(getattr(recipe.CONFIG, "COMMANDS", ())):
+        with pytest.raises(ConfigError, match=f"config for `preftune {raw['command']}`"):
+            load_config(path, [], base=importlib.import_module(f"preftune.recipes.{other}").CONFIG())
 
 
 # ---------------------------------------------------------------- CLI
@@ -205,8 +201,7 @@ def _forbid_model_loading(monkeypatch):
     # Import the run modules first: they bind their own references to the loaders at import time, and
     # importing them while the loaders are patched would leave `boom` bound there for later tests.
     import preftune.models.load
-    import preftune.train.dpo
-    import preftune.train.sft  # noqa: F401
+    import preftune.train.policy  # noqa: F401
 
     for module in [m for n, m in sys.modules.items() if n.startswith("preftune.")]:
         for name in ("load_causal_lm", "load_reference", "load_tokenizer"):
@@ -308,7 +303,7 @@ def test_train_tf32_turns_on_tf32_matmuls_process_wide(monkeypatch):
     import torch
 
     from preftune.config import load_config
-    from preftune.train.common import setup_threads
+    from preftune.train.runtime import setup_threads
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
@@ -338,3 +333,19 @@ def test_help_lists_every_config_key_with_its_default(capsys):
     assert "  reference.mode (model)  model: a frozen copy" in text and "precomputed:" in text
     assert "  data.max_pairs_per_prompt (none)  records with several ranked/scored responses" in text
     assert "  lora.r (16)" in text and "  train.tf32 (false)  CUDA: TF32" in text
+
+
+def test_resume_reads_a_run_saved_when_commands_shared_one_config(tmp_path):
+    # Catches: run directories saved when reward (and sft, ppo) configs still carried every section at its default
+    # becoming impossible to resume; and a section set away from its default slipping through that leniency.
+    from preftune.config import to_dict
+    from preftune.recipes.reward import RewardRunConfig
+
+    old = to_dict(Config()) | {"reward": {"normalize": True, "head_init": "zeros"}}
+    path = write_yaml(tmp_path, yaml.safe_dump(old))
+    assert load_config(path, [], base=RewardRunConfig(), skip_defaults=True).reward.head_init == "zeros"
+    with pytest.raises(ConfigError, match="is not used by reward"):
+        load_config(path, [], base=RewardRunConfig())  # a new run's YAML gets no such leniency
+    old["dpo"]["beta"] = 0.5
+    with pytest.raises(ConfigError, match=r"config key 'dpo\.beta' is not used by reward"):
+        load_config(write_yaml(tmp_path, yaml.safe_dump(old)), [], base=RewardRunConfig(), skip_defaults=True)

@@ -10,7 +10,7 @@ import torch
 
 from preftune.models.reward_model import (CONFIG_FILE, HEAD_FILE, RewardModel, build_reward_model, last_token_index,
                                           reward_statistics)
-from preftune.train.reward import bradley_terry_loss, reward_forward
+from preftune.train.objectives import bradley_terry_loss, reward_forward
 
 
 @pytest.fixture(scope="module")

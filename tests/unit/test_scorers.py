@@ -19,8 +19,8 @@ from preftune.eval.scorers import (
     rotten_tomatoes_snippets,
     score_file,
 )
-from preftune.experiments import prompts as prompts_mod
-from preftune.experiments.prompts import imdb_prompts, rotten_tomatoes_prompts, split_prompts
+from preftune.eval import prompts as prompts_mod
+from preftune.eval.prompts import imdb_prompts, rotten_tomatoes_prompts, split_prompts
 
 POSITIVE = [
     "A wonderful, beautiful and moving film; one of the best of the year.",
@@ -129,7 +129,7 @@ def test_oracle_training_is_deterministic(trained):
 
 def test_import_is_cheap_and_scattertext_is_never_imported():
     code = (
-        "import sys, preftune.eval.scorers as s, preftune.experiments.prompts as p\n"
+        "import sys, preftune.eval.scorers as s, preftune.eval.prompts as p\n"
         "assert 'sklearn' not in sys.modules, 'sklearn imported eagerly'\n"
         "s.rotten_tomatoes_snippets('heldout'); p.rotten_tomatoes_prompts(10)\n"
         "assert 'scattertext' not in sys.modules, 'scattertext imported'\n"

@@ -57,7 +57,7 @@ def _preftune_side(policy_dir: str, ref_dir: str, tokenizer, records: list[dict]
     from preftune.models.load import load_causal_lm, load_reference
     from preftune.models.logprobs import sequence_logps
     from preftune.models.reference import FrozenReference
-    from preftune.train.dpo import dpo_forward
+    from preftune.train.objectives import dpo_forward
 
     items = [tokenize_pair(tokenizer, PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"gate:{i}"),
                            max_length=512, max_prompt_tokens=256) for i, r in enumerate(records)]

@@ -46,7 +46,7 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if device == "cuda":
         return "bf16"
-    from preftune.train.common import cpu_has_fast_bf16
+    from preftune.train.runtime import cpu_has_fast_bf16
 
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
@@ -60,7 +60,7 @@ def hardware() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from preftune.train.common import cpu_has_fast_bf16
+    from preftune.train.runtime import cpu_has_fast_bf16
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_fast_bf16(), "gpu": gpu,

@@ -86,14 +86,15 @@ def matched_overrides(job: dict) -> list[str]:
 
 def run_preftune(job: dict) -> dict:
     from preftune.config import load_config
-    from preftune.train import dpo
+    from preftune.recipes import dpo
+    from preftune.train.layout import resolve_layout
     from preftune.train.rundir import read_metrics
 
     # no final checkpoint or policy after the timed steps: TRL saves nothing either
     extra = list(job.get("preftune_overrides") or [])  # --preftune KEY=VALUE: e.g. train.gradient_checkpointing=true
     cfg = load_config(None, matched_overrides(job) + [f"run.dir={job['out_dir']}/run", "train.progress=false",
                                                       "run.plot=false", "train.save_final=false"] + extra)
-    dpo.run_dpo(cfg)
+    dpo.run(cfg)
     from preftune.data.tokenize import TokenizedPair
 
     items = [TokenizedPair(p, c, r, "bench") for p, c, r in job["preftune_ids"]]
@@ -103,7 +104,7 @@ def run_preftune(job: dict) -> dict:
     phases = {k.removeprefix("time/").removesuffix("_s"): sum(r[k] for r in timed) / len(timed)
               for k in timed[0] if k.startswith("time/")} if timed else None
     return {"phase_s": phases, "settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
-                         "layout": dpo.resolve_layout(cfg, items), "compile": cfg.train.compile,
+                         "layout": resolve_layout(cfg, items), "compile": cfg.train.compile,
                          "gradient_checkpointing": cfg.train.gradient_checkpointing}}
 
 

@@ -15,7 +15,7 @@ Models: ``smollm2-135m`` (the embedded model, converted once to an HF directory 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 # hidden, intermediate, layers, attention heads, key/value heads (GQA); tied embeddings, vocabulary 49152
@@ -186,7 +186,3 @@ def tokenize_records(tokenizer, records: list[dict[str, str]], workload: Workloa
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def describe(workload: Workload) -> dict:
-    return asdict(workload)

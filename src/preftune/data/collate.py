@@ -56,11 +56,6 @@ def collate_examples(examples: list[TokenizedExample], pad_id: int) -> dict[str,
     return _pad_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_id)
 
 
-def split_pair_batch(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-    """Row `index` of a pair batch as a 1-row batch (tests: separate forwards)."""
-    return {k: v[index: index + 1] for k, v in batch.items() if v.dim() == 2}
-
-
 def collate_pairs_prefix_shared(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """One row per pair: ``[prompt][chosen][rejected]``, so the prompt is computed once per pair.
 

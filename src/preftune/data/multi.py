@@ -27,8 +27,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from preftune.data.records import (TYPE_ERROR, Text, _check_same_kind, _check_text, _default_reason, _Invalid,
-                                   _normalised)
+from preftune.data.schema import TYPE_ERROR, Invalid, Text, check_same_kind, check_text, normalised
+from preftune.errors import default_reason
 
 MULTI_FIELDS = ("responses", "ranked")
 TEXT_KEYS = ("text", "content", "response")  # where a scored object keeps its response
@@ -63,12 +63,12 @@ def _response(value: Any, name: str, position: int, prompt: Text) -> Text:
     """One response checked like ``chosen``; errors say which entry of ``name`` is bad."""
     try:
         if value is None:
-            raise _Invalid(name, TYPE_ERROR + "null", f"field '{name}': null response")
-        text = _check_text(value, name, is_response=True)
-        _check_same_kind({"prompt": prompt, name: text})
-    except _Invalid as bad:
-        raise _Invalid(name, f"response #{position}: {bad.message}",
-                       bad.reason or _default_reason(name, bad.message)) from None
+            raise Invalid(name, TYPE_ERROR + "null", f"field '{name}': null response")
+        text = check_text(value, name, is_response=True)
+        check_same_kind({"prompt": prompt, name: text})
+    except Invalid as bad:
+        raise Invalid(name, f"response #{position}: {bad.message}",
+                       bad.reason or default_reason(name, bad.message)) from None
     return text
 
 
@@ -76,11 +76,11 @@ def _score(value: Any, name: str, what: str) -> float:
     """A finite real number (not a bool); ``what`` names it in the message, e.g. "score #2"."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         got = "null" if value is None else type(value).__name__
-        raise _Invalid(name, f"{what} must be a number, got {got}", f"field '{name}': score is not a number")
+        raise Invalid(name, f"{what} must be a number, got {got}", f"field '{name}': score is not a number")
     if math.isnan(value):
-        raise _Invalid(name, f"{what} is NaN", f"field '{name}': score is NaN")
+        raise Invalid(name, f"{what} is NaN", f"field '{name}': score is NaN")
     if math.isinf(value):  # an infinite reward is a bug upstream, and it makes every gap infinite
-        raise _Invalid(name, f"{what} must be finite, got {value}", f"field '{name}': score is infinite")
+        raise Invalid(name, f"{what} must be finite, got {value}", f"field '{name}': score is infinite")
     return value
 
 
@@ -89,10 +89,10 @@ def _list(raw: dict, name: str) -> list:
     value = raw.get(name)
     if not isinstance(value, list):
         got = "null" if value is None else type(value).__name__
-        raise _Invalid(name, f"expected a list of at least 2 responses, got {got}",
+        raise Invalid(name, f"expected a list of at least 2 responses, got {got}",
                        f"field '{name}': not a list")
     if len(value) < 2:
-        raise _Invalid(name, f"needs at least 2 responses, got {len(value)}", f"field '{name}': fewer than 2 responses")
+        raise Invalid(name, f"needs at least 2 responses, got {len(value)}", f"field '{name}': fewer than 2 responses")
     return value
 
 
@@ -101,7 +101,7 @@ def _list(raw: dict, name: str) -> list:
 
 def _ranked(raw: dict, prompt: Text) -> list[_Scored]:
     if _given(raw.get("responses")):
-        raise _Invalid("ranked", "given together with 'responses'; a record uses one of them")
+        raise Invalid("ranked", "given together with 'responses'; a record uses one of them")
     ranked = _list(raw, "ranked")
     return [_Scored(_response(value, "ranked", i, prompt), -i, i) for i, value in enumerate(ranked, 1)]
 
@@ -109,11 +109,11 @@ def _ranked(raw: dict, prompt: Text) -> list[_Scored]:
 def _with_scores(responses: list, raw: dict, prompt: Text) -> list[_Scored]:
     if not isinstance(raw.get("scores"), list):
         if raw.get("scores") is None:
-            raise _Invalid("scores", "missing field")
-        raise _Invalid("scores", f"expected a list of numbers, got {type(raw['scores']).__name__}")
+            raise Invalid("scores", "missing field")
+        raise Invalid("scores", f"expected a list of numbers, got {type(raw['scores']).__name__}")
     scores = raw["scores"]
     if len(scores) != len(responses):
-        raise _Invalid("scores", f"has {len(scores)} entries but 'responses' has {len(responses)}",
+        raise Invalid("scores", f"has {len(scores)} entries but 'responses' has {len(responses)}",
                        "field 'scores': length differs from 'responses'")
     return [_Scored(_response(value, "responses", i, prompt), _score(score, "scores", f"score #{i}"), i)
             for i, (value, score) in enumerate(zip(responses, scores, strict=True), 1)]
@@ -122,15 +122,15 @@ def _with_scores(responses: list, raw: dict, prompt: Text) -> list[_Scored]:
 def _scored_object(obj: Any, position: int, prompt: Text) -> _Scored:
     where = f"response #{position}"
     if not isinstance(obj, dict):
-        raise _Invalid("responses", f"{where}: expected an object with a response and a 'score' (like response #1), "
+        raise Invalid("responses", f"{where}: expected an object with a response and a 'score' (like response #1), "
                        f"got {type(obj).__name__}", "field 'responses': mixed objects and plain responses")
     keys = [key for key in TEXT_KEYS if obj.get(key) is not None]  # Parquet structs fill absent keys with None
     if len(keys) != 1:
         found = f"; it has {', '.join(map(repr, keys))}" if keys else ""
-        raise _Invalid("responses", f"{where}: needs exactly one of 'text', 'content', 'response'{found}",
+        raise Invalid("responses", f"{where}: needs exactly one of 'text', 'content', 'response'{found}",
                        "field 'responses': object without exactly one response key")
     if obj.get("score") is None:
-        raise _Invalid("responses", f"{where}: missing 'score'", "field 'responses': missing 'score'")
+        raise Invalid("responses", f"{where}: missing 'score'", "field 'responses': missing 'score'")
     return _Scored(_response(obj[keys[0]], "responses", position, prompt),
                    _score(obj["score"], "responses", f"{where}: 'score'"), position)
 
@@ -140,7 +140,7 @@ def _responses(raw: dict, prompt: Text) -> list[_Scored]:
     if not isinstance(responses[0], dict):
         return _with_scores(responses, raw, prompt)
     if _given(raw.get("scores")):
-        raise _Invalid("scores", "given, but 'responses' are objects that carry their own 'score'")
+        raise Invalid("scores", "given, but 'responses' are objects that carry their own 'score'")
     return [_scored_object(obj, i, prompt) for i, obj in enumerate(responses, 1)]
 
 
@@ -150,11 +150,11 @@ def _responses(raw: dict, prompt: Text) -> list[_Scored]:
 def _deduplicated(responses: list[_Scored], name: str, kind: str) -> list[_Scored]:
     first_seen: dict[Any, _Scored] = {}
     for response in responses:
-        key = _normalised(response.text)
+        key = normalised(response.text)
         first = first_seen.setdefault(key if isinstance(key, str) else tuple(key), response)
         if first.score != response.score:
             where = f"(#{first.position} and #{response.position})"
-            raise _Invalid(name, f"duplicate response with different {kind} {where}",
+            raise Invalid(name, f"duplicate response with different {kind} {where}",
                            f"field '{name}': duplicate response with different {kind}")
     return list(first_seen.values())
 
@@ -178,10 +178,10 @@ def _capped(pairs: list[tuple[_Scored, _Scored]], max_pairs: int | None) -> list
 def multi_response_pairs(raw: dict, max_pairs: int | None = None) -> list[tuple[Text, Text, Text]]:
     """``(prompt, better, worse)`` for every ordered pair of one multi-response record.
 
-    Raises ``_Invalid`` (field + message) for a malformed record, including one whose responses
+    Raises ``Invalid`` (field + message) for a malformed record, including one whose responses
     are all tied: it would give no pair, which is almost always a broken score column.
     """
-    prompt = _check_text(raw.get("prompt"), "prompt", is_response=False)
+    prompt = check_text(raw.get("prompt"), "prompt", is_response=False)
     if _given(raw.get("ranked")):
         responses = _deduplicated(_ranked(raw, prompt), "ranked", "ranks")
     else:
@@ -189,5 +189,5 @@ def multi_response_pairs(raw: dict, max_pairs: int | None = None) -> list[tuple[
     pairs = _ordered_pairs(responses)
     if not pairs:
         tie_field = "scores" if _given(raw.get("scores")) else "responses"
-        raise _Invalid(tie_field, "all responses tied", "all responses tied")
+        raise Invalid(tie_field, "all responses tied", "all responses tied")
     return [(prompt, better.text, worse.text) for better, worse in _capped(pairs, max_pairs)]

@@ -1,4 +1,4 @@
-"""Canonical training records and the readers that produce them.
+"""The readers that turn data files into canonical records (``preftune.data.schema``).
 
 Every data source (JSONL, JSONL.gz, JSON, CSV, Parquet, a ``datasets.save_to_disk`` directory) is
 reduced here to :class:`PreferencePair` or :class:`SFTExample`, each carrying ``source``
@@ -23,66 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-Message = dict  # {"role": str, "content": str}
-Text = str | list[Message]  # a plain string, or a conversation (list of {role, content})
-
-ROLES = ("system", "user", "assistant", "tool")
-HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH dialogues: the prompt ends with the last one
-FORMATS = ".jsonl, .jsonl.gz, .json, .csv, .parquet or a datasets.save_to_disk directory (DIR[::split])"
-TYPE_ERROR = "expected a string or a list of {role, content} messages, got "
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One preference: ``chosen`` preferred over ``rejected`` as a continuation of ``prompt``."""
-
-    prompt: Text
-    chosen: Text
-    rejected: Text
-    source: str  # "path/to/file.jsonl:17"
-
-
-@dataclass(frozen=True)
-class SFTExample:
-    """One supervised example: train on ``completion`` given ``prompt``."""
-
-    prompt: Text
-    completion: Text
-    source: str
-
-
-class DataError(ValueError):
-    """Bad input, located: ``str(err) == f"{file}:{line}: field '{field}': {message}"``.
-
-    ``reason`` is a short, record-independent key (no positions, no values) used to group skipped
-    records in :class:`SkipReport`; it defaults to one derived from ``field`` and ``message``.
-    """
-
-    def __init__(self, file: str, line: int | None, field: str | None, message: str, *, reason: str | None = None):
-        self.file, self.line, self.field, self.message = file, line, field, message
-        self.reason = reason or _default_reason(field, message)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        what = self.message if self.field is None else f"field '{self.field}': {self.message}"
-        return f"{where}: {what}"
-
-    def __reduce__(self):  # keep the error picklable (multiprocessing data workers)
-        return (_rebuild_error, (self.file, self.line, self.field, self.message, self.reason))
-
-
-def _rebuild_error(file, line, field, message, reason) -> DataError:
-    return DataError(file, line, field, message, reason=reason)
-
-
-def _default_reason(field: str | None, message: str) -> str:
-    if field is None or message.startswith(field):
-        return message
-    if message.startswith("missing field"):
-        return f"missing field '{field}'"
-    return f"field '{field}': {message}"
-
+from preftune.data import multi
+from preftune.data.schema import FORMATS, PreferencePair, SFTExample, located, validate_pair, validate_sft
+from preftune.errors import DataError
 
 @dataclass
 class SkipReport:
@@ -106,166 +49,16 @@ class SkipReport:
         return head + ": " + ", ".join(f"{n} × {reason}" for reason, n in self.reasons.most_common())
 
 
-class _Invalid(Exception):
-    """Raised by field checks, which know the field but not the file/line; turned into DataError."""
-
-    def __init__(self, field: str, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.field, self.message, self.reason = field, message, reason
-
-
-# ---------------------------------------------------------------- field validation
-
-
-def _check_messages(value: list, name: str) -> list[Message]:
-    """Canonical copies ``{"role", "content"}`` (extra message keys are dropped on purpose)."""
-    out = []
-    for i, msg in enumerate(value, 1):
-        problem = None
-        if not isinstance(msg, dict):
-            problem = f"expected an object with 'role' and 'content', got {type(msg).__name__}"
-        elif not isinstance(msg.get("role"), str):
-            problem = "missing 'role'" if msg.get("role") is None else "'role' must be a string"
-        elif msg["role"] not in ROLES:
-            problem = f"role '{msg['role']}' is not one of {', '.join(ROLES)}"
-        elif not isinstance(msg.get("content"), str):
-            problem = "missing 'content'" if msg.get("content") is None else "'content' must be a string"
-        if problem:
-            raise _Invalid(name, f"message #{i}: {problem}", f"field '{name}': bad message ({problem})")
-        out.append({"role": msg["role"], "content": msg["content"]})
-    return out
-
-
-def _check_text(value: Any, name: str, *, is_response: bool) -> Text:
-    """A non-empty string (kept verbatim: leading spaces matter to tokenizers) or message list."""
-    if value is None:
-        raise _Invalid(name, "missing field")
-    if isinstance(value, str):
-        if not value.strip():
-            raise _Invalid(name, "empty")
-        return value
-    if not isinstance(value, list):
-        raise _Invalid(name, TYPE_ERROR + type(value).__name__)
-    if not value:
-        raise _Invalid(name, "empty")
-    messages = _check_messages(value, name)
-    if is_response and not messages[-1]["content"].strip():
-        raise _Invalid(name, "last message has empty content")
-    return messages
-
-
-def _check_same_kind(values: dict[str, Text]) -> None:
-    """Mixing a string prompt with message-list responses has no single correct template."""
-    first, *rest = values
-    kind = {True: "a string", False: "a list of messages"}
-    for name in rest:
-        if isinstance(values[name], str) != isinstance(values[first], str):
-            raise _Invalid(name, f"is {kind[isinstance(values[name], str)]} but '{first}' is "
-                           f"{kind[isinstance(values[first], str)]}", f"field '{name}': mixed strings and message lists")
-
-
-def _normalised(text: Text) -> Any:
-    if isinstance(text, str):
-        return text.strip()
-    return [(m["role"], m["content"].strip()) for m in text]
-
-
-def _split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
-    """Derive the prompt from records that only have ``chosen``/``rejected``.
-
-    Conversations: the prompt is their longest common prefix of messages. Anthropic HH strings:
-    the prompt is everything up to and including the last ``"\\n\\nAssistant:"`` and both
-    dialogues must share it exactly (some HH pairs diverge earlier; splitting them anyway would
-    train on a response to a different conversation).
-    """
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        c, r = _check_messages(chosen, "chosen"), _check_messages(rejected, "rejected")
-        k = 0
-        while k < min(len(c), len(r)) and c[k] == r[k]:
-            k += 1
-        if k == 0:
-            raise _Invalid("prompt", "missing field (and 'chosen'/'rejected' share no leading messages)",
-                           "missing field 'prompt'")
-        return c[:k], c[k:], r[k:]
-    if isinstance(chosen, str) and isinstance(rejected, str) and HH_ASSISTANT in chosen:
-        cut_c = chosen.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
-        cut_r = rejected.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
-        if cut_r < len(HH_ASSISTANT) or rejected[:cut_r] != chosen[:cut_c]:
-            raise _Invalid("rejected", "prompt differs from chosen's (the dialogue up to the last "
-                           "'\\n\\nAssistant:': the two diverge earlier, or a response itself contains it)",
-                           "field 'rejected': prompt differs from chosen's")
-        return chosen[:cut_c], chosen[cut_c:], rejected[cut_r:]
-    raise _Invalid("prompt", "missing field (and 'chosen'/'rejected' are neither conversations "
-                   "nor Human/Assistant dialogues it could be derived from)", "missing field 'prompt'")
-
-
-def _pair_fields(raw: dict) -> tuple[Text, Text, Text]:
-    for name in ("chosen", "rejected"):
-        if raw.get(name) is None:
-            raise _Invalid(name, "missing field")
-    prompt, chosen, rejected = raw.get("prompt"), raw["chosen"], raw["rejected"]
-    if prompt is None:
-        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
-    texts = {"prompt": _check_text(prompt, "prompt", is_response=False),
-             "chosen": _check_text(chosen, "chosen", is_response=True),
-             "rejected": _check_text(rejected, "rejected", is_response=True)}
-    _check_same_kind(texts)
-    if _normalised(texts["chosen"]) == _normalised(texts["rejected"]):
-        raise _Invalid("chosen", "chosen identical to rejected")
-    return texts["prompt"], texts["chosen"], texts["rejected"]
-
-
-def _located(fn: Callable[[dict], Any], raw: Any, file: str, line: int) -> Any:
-    if not isinstance(raw, dict):
-        raise DataError(file, line, None, f"expected a JSON object, got {type(raw).__name__}",
-                        reason="record is not an object")
-    try:
-        return fn(raw)
-    except _Invalid as bad:
-        raise DataError(file, line, bad.field, bad.message, reason=bad.reason) from None
-
-
-def validate_pair(raw: dict, file: str, line: int) -> PreferencePair:
-    """Check one raw preference record (explicit or implicit prompt); raise :class:`DataError`."""
-    prompt, chosen, rejected = _located(_pair_fields, raw, file, line)
-    return PreferencePair(prompt, chosen, rejected, source=f"{file}:{line}")
-
-
 def validate_preferences(raw: dict, file: str, line: int, *,
                          max_pairs_per_prompt: int | None = None) -> list[PreferencePair]:
     """The pairs of one raw record: a pair record gives itself, a multi-response record
     (``responses`` + ``scores``, scored ``responses`` or ``ranked``) all its ordered pairs, at most
     ``max_pairs_per_prompt`` of them (largest score gaps first; see :mod:`preftune.data.multi`).
     """
-    from preftune.data import multi  # here, not at the top: multi builds on this module's checks
-
     if not (isinstance(raw, dict) and multi.is_multi_response(raw)):
         return [validate_pair(raw, file, line)]
-    expanded = _located(lambda r: multi.multi_response_pairs(r, max_pairs_per_prompt), raw, file, line)
+    expanded = located(lambda r: multi.multi_response_pairs(r, max_pairs_per_prompt), raw, file, line)
     return [PreferencePair(prompt, better, worse, source=f"{file}:{line}") for prompt, better, worse in expanded]
-
-
-def _sft_fields(raw: dict) -> tuple[Text, Text]:
-    if raw.get("messages") is not None:
-        messages = _check_text(raw["messages"], "messages", is_response=True)
-        if isinstance(messages, str):
-            raise _Invalid("messages", TYPE_ERROR.replace("a string or ", "") + "str")
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise _Invalid("messages", "must end with an assistant message that follows at least one other")
-        return messages[:-1], messages[-1:]
-    if raw.get("completion") is not None or raw.get("chosen") is None:
-        texts = {"prompt": _check_text(raw.get("prompt"), "prompt", is_response=False),
-                 "completion": _check_text(raw.get("completion"), "completion", is_response=True)}
-        _check_same_kind(texts)
-        return texts["prompt"], texts["completion"]
-    prompt, chosen, _ = _pair_fields(raw)  # Preferred-FT: fine-tune on the chosen response
-    return prompt, chosen
-
-
-def validate_sft(raw: dict, file: str, line: int) -> SFTExample:
-    """Check one raw SFT record: ``{prompt, completion}``, ``{messages}`` or a preference record."""
-    prompt, completion = _located(_sft_fields, raw, file, line)
-    return SFTExample(prompt, completion, source=f"{file}:{line}")
 
 
 # ---------------------------------------------------------------- raw readers: (line, record)
@@ -447,3 +240,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_prompts(path: str | Path) -> list:
+    """The ``prompt`` field of each JSONL row: a non-empty string or a non-empty list of messages."""
+    prompts = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise DataError(str(path), i, "prompt", "missing, empty, or not a string / list of messages")
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError(str(path), None, None, "no prompts")
+    return prompts

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from preftune.data.records import DataError, PreferencePair, SFTExample
+from preftune.data.schema import PreferencePair, SFTExample
+from preftune.errors import DataError
 
 Text = str | list
 

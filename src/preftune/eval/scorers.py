@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from preftune import paths
+from preftune.data.schema import review_text
 
 ORACLE_VERSION = "rt-tfidf-lr-1"  # bump when training or the cache layout changes
 HELDOUT_PERCENT = 15  # a snippet is held out iff sha256(normalised text) % 100 < 15
@@ -58,12 +59,6 @@ class Scorer(Protocol):
     name: str
 
     def __call__(self, texts: list[str]) -> list[float]: ...
-
-
-def review_text(prompt: str, completion: str) -> str:
-    """The text a scorer sees for one generation: the full review, prompt and completion joined
-    as they are (the completion carries its own leading space, as a tokenizer decodes it)."""
-    return prompt + completion
 
 
 # --------------------------------------------------------------------------- data

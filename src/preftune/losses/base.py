@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ class PreferenceLoss:
             assert ref_chosen_logps.shape == policy_chosen_logps.shape
         return self.compute(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:  # pragma: no cover - interface
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -99,6 +100,3 @@ def get_loss(name: str, **params) -> PreferenceLoss:
     if unknown:
         raise ValueError(f"loss {name!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
     return cls(**params)
-
-
-LossFn = Callable[..., LossOutput]

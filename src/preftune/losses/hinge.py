@@ -31,7 +31,9 @@ class HingeLoss(PreferenceLoss):
         check_beta(beta)
         self.beta = beta
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:
-        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, policy_chosen_logps, policy_rejected_logps,
+                                                               ref_chosen_logps, ref_rejected_logps)
         losses = torch.relu(1.0 - self.beta * h)
         return LossOutput(losses, chosen_rewards, rejected_rewards)

@@ -35,7 +35,9 @@ class IPOLoss(PreferenceLoss):
         self.average_log_probs = average_log_probs
         self.reduction = "mean" if average_log_probs else "sum"
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:
-        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, policy_chosen_logps, policy_rejected_logps,
+                                                               ref_chosen_logps, ref_rejected_logps)
         losses = (h - 1.0 / (2.0 * self.beta)) ** 2
         return LossOutput(losses, chosen_rewards, rejected_rewards)

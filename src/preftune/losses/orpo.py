@@ -44,8 +44,10 @@ class ORPOLoss(PreferenceLoss):
         check_beta(beta, "beta (ORPO's λ)")
         self.beta = beta
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:
-        del rc, rr  # reference-free by construction
-        odds_ratio_loss = -F.logsigmoid(_log_odds(pc) - _log_odds(pr))
-        losses = -pc + self.beta * odds_ratio_loss
-        return LossOutput(losses, (self.beta * pc).detach(), (self.beta * pr).detach())
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:
+        del ref_chosen_logps, ref_rejected_logps  # reference-free by construction
+        odds_ratio_loss = -F.logsigmoid(_log_odds(policy_chosen_logps) - _log_odds(policy_rejected_logps))
+        losses = -policy_chosen_logps + self.beta * odds_ratio_loss
+        return LossOutput(losses, (self.beta * policy_chosen_logps).detach(),
+                          (self.beta * policy_rejected_logps).detach())

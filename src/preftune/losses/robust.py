@@ -41,8 +41,10 @@ class RobustLoss(PreferenceLoss):
         self.beta = beta
         self.label_smoothing = label_smoothing
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:
-        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, policy_chosen_logps, policy_rejected_logps,
+                                                               ref_chosen_logps, ref_rejected_logps)
         logits = self.beta * h
         eps = self.label_smoothing
         # == ((1 - eps) * -logsigmoid(z) - eps * -logsigmoid(-z)) / (1 - 2 eps), see the docstring

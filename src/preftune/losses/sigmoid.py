@@ -27,6 +27,8 @@ class SigmoidLoss(PreferenceLoss):
         self.beta = beta
         self.label_smoothing = label_smoothing
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:
-        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, pc, pr, rc, rr)
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:
+        h, chosen_rewards, rejected_rewards = reference_margin(self.beta, policy_chosen_logps, policy_rejected_logps,
+                                                               ref_chosen_logps, ref_rejected_logps)
         return LossOutput(smoothed_logistic_loss(self.beta * h, self.label_smoothing), chosen_rewards, rejected_rewards)

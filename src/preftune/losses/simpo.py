@@ -36,8 +36,10 @@ class SimPOLoss(PreferenceLoss):
         self.gamma = gamma
         self.label_smoothing = label_smoothing
 
-    def compute(self, pc, pr, rc, rr) -> LossOutput:
-        del rc, rr  # reference-free by construction
-        logits = self.beta * (pc - pr) - self.gamma
+    def compute(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                ref_rejected_logps) -> LossOutput:
+        del ref_chosen_logps, ref_rejected_logps  # reference-free by construction
+        logits = self.beta * (policy_chosen_logps - policy_rejected_logps) - self.gamma
         losses = smoothed_logistic_loss(logits, self.label_smoothing)
-        return LossOutput(losses, (self.beta * pc).detach(), (self.beta * pr).detach())
+        return LossOutput(losses, (self.beta * policy_chosen_logps).detach(),
+                          (self.beta * policy_rejected_logps).detach())

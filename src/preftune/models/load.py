@@ -24,17 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from preftune.errors import ModelSpecError
 from preftune.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "smollm2-135m"
 TINY_ALIAS = "tiny"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelSpecError(ValueError):
-    """A model spec that names nothing loadable."""
 
 
 def embedded_gguf() -> Path:

@@ -41,11 +41,6 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, seed: int = 0) -> torch.
         return get_peft_model(model, config)
 
 
-def save_adapter(model: torch.nn.Module, tmp_dir: Path, base_spec: str, seed: int) -> None:
-    model.save_pretrained(tmp_dir, safe_serialization=True)
-    (tmp_dir / BASE_FILE).write_text(json.dumps({"model": base_spec, "seed": seed}), encoding="utf-8")
-
-
 def base_of(adapter_dir: str | Path) -> tuple[str, int]:
     """(base model spec, seed) of an adapter directory."""
     path = Path(adapter_dir)
@@ -60,7 +55,7 @@ def merge_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():  # peft would unpickle adapter_model.bin
-        from preftune.models.load import ModelSpecError
+        from preftune.errors import ModelSpecError
 
         raise ModelSpecError(f"{adapter_dir}: no adapter_model.safetensors, and preftune never unpickles .bin files")
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

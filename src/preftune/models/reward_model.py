@@ -162,7 +162,7 @@ class RewardModel(nn.Module):
         """Atomic HF-format directory: backbone (safetensors) + tokenizer + head + reward_config.json."""
         from safetensors.torch import save_file
 
-        from preftune.train.common import save_model
+        from preftune.models.save import save_model
 
         def extra(tmp: Path) -> None:
             save_file({"weight": self.head.weight.detach().float().contiguous().cpu()}, str(tmp / HEAD_FILE))
@@ -253,8 +253,16 @@ class RewardModelScorer:
         same = self.model.tokenizer is not None and (
             self.model.tokenizer is tokenizer or self.model.tokenizer.get_vocab() == tokenizer.get_vocab())
         if not same:
-            from preftune.eval.scorers import review_text
+            from preftune.data.schema import review_text
 
             return self([review_text(x.prompt, x.completion) for x in samples])
         return self.model.score_ids([x.prompt_ids for x in samples], [x.completion_ids for x in samples],
                                     batch_size=self.batch_size).tolist()
+
+
+def training_normalization(model: RewardModel, items: list, batch_size: int) -> dict[str, float]:
+    """Mean/std of the raw fp32 rewards of every training response (chosen and rejected), computed by the
+    same path that scores at inference (``score_ids``), so normalised inference scores are centred on them."""
+    prompts = [p.prompt_ids for p in items] * 2
+    completions = [p.chosen_ids for p in items] + [p.rejected_ids for p in items]
+    return reward_statistics(model.score_ids(prompts, completions, normalized=False, batch_size=batch_size))

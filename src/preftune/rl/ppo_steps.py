@@ -1,21 +1,22 @@
 """PPO's model and per-iteration pieces: the policy with its value head, the rollout (sample, score, old
 log-probs, reference log-probs, values), advantages, and the clipped minibatch update. The loop that drives them
-is ``preftune.train.ppo`` (its module docstring describes the recipe); the pure maths is ``ppo_math``."""
+is ``preftune.recipes.ppo`` (its module docstring describes the recipe); the pure maths is ``ppo_math``."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 from torch import nn
 
 from preftune.models.logprobs import IGNORE_INDEX, autocast_context, token_logps, uses_split_head
-from preftune.rl.ppo_math import (clipped_policy_loss, clipped_value_loss, gae, kl_shaped_rewards, to_grid,
+from preftune.rl.ppo_math import (clipped_policy_loss, clipped_value_loss, gae, kl_shaped_rewards, masked_sum, to_grid,
                                   token_entropy, whiten)
+from preftune.rl.settings import PPOSettings
 
-if TYPE_CHECKING:
-    from preftune.train.ppo import PPOSettings
+EvalHook = Callable[[nn.Module, int], "dict[str, float] | None"]
 
 
 class PolicyWithValue(nn.Module):
@@ -84,7 +85,7 @@ def rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, scorer, pro
             seed: int, device: torch.device, precision: str) -> Rollout:
     """Sample, score, and compute old log-probs, reference log-probs, values and entropy (no gradients)."""
     from preftune.eval.sampling import generate
-    from preftune.eval.scorers import review_text
+    from preftune.data.schema import review_text
 
     with autocast_context(device, precision):
         samples = generate(model.policy, tokenizer, prompts, temperature=s.temperature,
@@ -152,3 +153,41 @@ def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOS
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             steps += 1
     return {name: total / steps for name, total in sums.items()}
+
+
+def run_iteration(model, reference, tokenizer, scorer, prompts, cfg, kl_ctl, optimizer, scheduler,
+                  iteration: int, device: torch.device, precision: str) -> dict[str, float]:
+    """One rollout -> advantages -> update round; returns its metrics (the one sync point of the iteration)."""
+    s, seed = cfg.ppo, cfg.train.seed * 1_000_003 + 2 * iteration  # per-iteration seeds: resume is exact
+    start = time.perf_counter()
+    r = rollout(model, reference, tokenizer, scorer, prompts, s, seed, device, precision)
+    kl_coef = kl_ctl.value
+    compute_advantages(r, kl_coef, s)
+    mask = r.batch["mask"]
+    seq_kl = masked_sum(r.logprobs - r.ref_logprobs, mask, dim=1)  # (B,) sum over tokens of log pi - log pi_ref
+    rollout_s = time.perf_counter() - start
+    lr = scheduler.get_last_lr()[0]
+    generator = torch.Generator().manual_seed(seed + 1)
+    update = ppo_update(model, optimizer, scheduler, r, s, cfg.train.max_grad_norm, generator, device, precision)
+    elapsed = time.perf_counter() - start
+    kl = seq_kl.mean().item()
+    kl_ctl.update(kl, n_steps=mask.shape[0])
+    out = {"reward": r.scores.mean(), "reward_std": r.scores.std() if r.scores.numel() > 1 else r.scores.new_zeros(()),
+           "non_score_reward": -kl_coef * seq_kl.mean(), "entropy": r.entropy, "completion_tokens": mask.sum(1).mean(),
+           **update}
+    metrics = {name: float(v) for name, v in out.items()}
+    metrics.update(kl=kl, kl_coef=kl_coef, lr=lr, tokens_per_s=float(mask.sum()) / elapsed,
+                   **{"time/rollout_s": rollout_s, "time/update_s": elapsed - rollout_s})
+    return metrics
+
+
+def run_eval_hook(hook: EvalHook, policy: nn.Module, iteration: int, metrics) -> dict[str, float]:
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        result = hook(policy, iteration) or {}
+    policy.train(was_training)
+    logged = {f"eval/{k}": float(v) for k, v in result.items()}
+    if logged:
+        metrics.write({"step": iteration, **logged})
+    return logged

@@ -27,7 +27,7 @@ def single_process_only(command: str) -> None:
     """Commands that do not split their work across processes refuse to run as several (they would train N
     independent copies that all write one run directory)."""
     if world_size() > 1:
-        from preftune.config import ConfigError
+        from preftune.errors import ConfigError
 
         raise ConfigError(f"preftune {command} runs in one process; several processes (WORLD_SIZE="
                           f"{world_size()}) are supported by preftune dpo, sft and reward")
@@ -62,15 +62,6 @@ class Processes:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
-
-    def pick_device(self, cfg) -> torch.device:
-        """This process's device: accelerate's (one GPU per process) under several processes, else
-        ``train.device`` (``common.pick_device``)."""
-        if self.world > 1:
-            return self.device
-        from preftune.train.common import pick_device
-
-        return pick_device(cfg)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` in DistributedDataParallel (accelerate's ``prepare_model``); remembered as ``ddp``."""

@@ -1,57 +1,35 @@
-"""``preftune eval``: held-out preference metrics of a trained model against its reference."""
+"""The one evaluation routine of DPO, SFT and reward training: held-out metrics summed exactly over every item
+(and every process) and divided once."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from preftune.config import Config
-from preftune.data.tokenize import tokenize_pair
-from preftune.errors import InputError
-from preftune.models.load import load_causal_lm, load_tokenizer
-from preftune.models.lora import base_of, is_adapter_dir
-from preftune.models.reference import FrozenReference, PrecomputedReference
-from preftune.train.common import load_file, pick_device, resolve_precision, setup_threads
-from preftune.train.dpo import (evaluate_pairs, loss_from_config, pair_reader, precompute_reference, reference_loader,
-                                resolve_reference_mode)
+import torch
+
+from preftune.data.collate import batch_to
+from preftune.models.logprobs import autocast_context
+from preftune.train.distributed import Processes
+from preftune.train.metrics import MetricSums, Stats
 
 
-def _reference_spec(cfg: Config, mode: str) -> str | None:
-    """The reference is named explicitly, never guessed from the policy (which may be the trained model):
-    ``ref_model``, or for an adapter run the adapter's own base model."""
-    if mode == "none":
-        return None
-    if cfg.ref_model:
-        return cfg.ref_model
-    if mode == "adapter" and is_adapter_dir(cfg.model):
-        return base_of(cfg.model)[0]
-    raise InputError("set ref_model=... (the reference the policy was trained against)")
-
-
-def run_eval(cfg: Config, *, out: str | None = None) -> dict:
-    """Metrics of ``cfg.model`` vs its reference on ``data.eval`` (or ``data.train``)."""
-    setup_threads(cfg)
-    path = cfg.data.eval or cfg.data.train
-    if not path:
-        raise InputError("no evaluation data: set data.eval=PATH")
-    loss_fn = loss_from_config(cfg)
-    mode = resolve_reference_mode(cfg, loss_fn)
-    ref_spec = _reference_spec(cfg, mode)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    items, report = load_file(cfg, path, pair_reader(cfg), tokenize_pair, tokenizer)
-    device = pick_device(cfg)
-    precision = resolve_precision(cfg, device)
-    reference = None
-    if mode == "precomputed":
-        items = precompute_reference(cfg, ref_spec, {"eval": items}, tokenizer, device, precision)["eval"]
-        reference = PrecomputedReference()
-    elif mode in ("model", "adapter"):
-        reference = FrozenReference(reference_loader(cfg, ref_spec)().to(device), precision)
-    policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code).to(device)
-    metrics = evaluate_pairs(policy, reference, loss_fn, items, tokenizer.pad_token_id, cfg.train.eval_batch_size,
-                             device, cfg.dpo.sft_weight, precision)
-    result = {"model": cfg.model, "ref_model": ref_spec, "reference_mode": mode, "data": str(path),
-              "pairs": len(items), "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2), encoding="utf-8")
-    return result
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, forward: Callable[[dict[str, torch.Tensor]], Stats], items: Sequence[Any],
+             collate: Callable[[list[Any]], dict[str, torch.Tensor]], batch_size: int, device: torch.device,
+             precision: str = "fp32", procs: Processes | None = None) -> dict[str, float]:
+    """``forward(batch) -> {name: (sum, count)}`` over ``items`` in batches of ``batch_size``, in eval mode (restored
+    after) under ``precision``'s autocast; shared out over several processes (every world-th item each, sums
+    added). Returns the means."""
+    procs = procs if procs is not None else Processes()
+    items, shared = procs.eval_shard(items)
+    was_training = model.training
+    model.eval()
+    sums = MetricSums()
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = batch_to(collate(list(items[start:start + batch_size])), device)
+            with autocast_context(device, precision):
+                sums.add(forward(batch))
+    finally:
+        model.train(was_training)
+    return (sums.summed(procs) if shared else sums).means()

@@ -12,6 +12,7 @@ gradient, and a mean over tokens is a mean over all tokens of the step, not a me
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,10 +27,10 @@ from preftune.data.collate import batch_to
 from preftune.models.logprobs import autocast_context
 from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from preftune.train.distributed import Processes
+from preftune.train.metrics import MetricSums, Stats
 from preftune.train.optim import build_optimizer
 from preftune.train.rundir import MetricsWriter
 
-Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (sum, count)
 
 
 @dataclass
@@ -140,35 +141,28 @@ class PhaseTimer:
         return out
 
 
-def _reduce(stats: Stats) -> dict[str, float]:
-    """The single sync point: (sum, count) tensors -> floats."""
-    return {name: (s / c.clamp(min=1)).item() for name, (s, c) in stats.items()}
-
-
-def _stats_state(acc: Stats) -> dict[str, list[float]]:
-    """The running (sum, count) pairs of the current logging window, for a checkpoint (a sync, at save time
-    only). fp32 sums round-trip exactly through Python floats."""
-    return {name: [float(s), float(c)] for name, (s, c) in acc.items()}
-
-
-def _stats_from_state(state: dict[str, list[float]], device: torch.device) -> Stats:
-    return {name: (torch.tensor(s, dtype=torch.float32, device=device),
-                   torch.tensor(c, dtype=torch.float32, device=device)) for name, (s, c) in state.items()}
-
-
-def _add(acc: Stats, new: Stats) -> None:
-    for name, (s, c) in new.items():
-        if name in acc:
-            acc[name] = (acc[name][0] + s.detach(), acc[name][1] + c)
-        else:
-            acc[name] = (s.detach().clone(), c.clone() if isinstance(c, torch.Tensor) else torch.tensor(c))
-
-
 @dataclass
 class FitResult:
     step: int
     last_metrics: dict[str, float]
     last_eval: dict[str, float]
+
+
+class _Window:
+    """The current logging window: its metric sums (saved with a checkpoint, so a resumed row is the same), and
+    the clock and the tokens and pairs seen since it opened (for the throughput metrics)."""
+
+    def __init__(self, sums: MetricSums | None = None):
+        self.sums = sums if sums is not None else MetricSums()
+        self.start, self.tokens, self.pairs = time.perf_counter(), 0, 0
+
+    def row(self, procs: Processes, lr: float, timer: PhaseTimer) -> dict[str, float]:
+        """The window's metrics, summed over processes (the one sync point of a logging step)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = self.sums.summed(procs).means()
+        tokens, pairs = (float(v) for v in procs.sum(torch.tensor([self.tokens, self.pairs], dtype=torch.float64)))
+        out.update(lr=lr, pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed, **timer.read())
+        return out
 
 
 def fit(
@@ -196,86 +190,95 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     order = DataOrder(len(items), cfg.seed)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
-    step = 0
-    acc: Stats = {}  # the logging window's running sums: saved with a checkpoint, so a resumed row is the same
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        step = state["step"]
-        order.load(state["data"])
-        # the window's sums were saved summed over processes: process 0 holds them, the others the same names at
-        # zero (every process must sum the same names, or their collectives would not match)
-        acc = _stats_from_state(state.get("metrics_window", {}), device)
-        if not procs.is_main:
-            acc = {name: (torch.zeros_like(s), torch.zeros_like(c)) for name, (s, c) in acc.items()}
-        metrics.truncate_after(step)
-    elif resume:
-        metrics.truncate_after(0)
+    step, window = _restore(resume, run_dir, model, optimizer, scheduler, order, metrics, device, procs)
     model.train()
     progress = _progress(cfg, step, enabled=procs.is_main)
-    window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
     timer = PhaseTimer(device)
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    save = functools.partial(_save, procs, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                             order=order, cfg=cfg)
     try:
         while step < cfg.max_steps:
             timer.start()
             micro = [collate([items[i] for i in procs.shard(order.take(cfg.batch_size * procs.world))])
                      for _ in range(cfg.grad_accum_steps)]
-            total_weight = float(sum(weight_fn(b) for b in micro))
-            if procs.world > 1:  # normalise by the global weight; DDP averages the gradients, hence x world
-                total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64))) / procs.world
-            timer.lap("data", host=True)
-            for k, batch in enumerate(micro):
-                with procs.no_sync(skip=k < len(micro) - 1):  # forward and backward: DDP's rule
-                    with autocast_context(device, precision):
-                        out = step_fn(batch_to(batch, device))
-                    timer.lap("forward")
-                    (out.loss / max(total_weight, 1.0 / procs.world)).backward()
-                timer.lap("backward")
-                _add(acc, out.stats)
-                window["tokens"] += out.tokens
-                window["pairs"] += out.pairs
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            timer.lap("optimizer")
-            timer.steps += 1
+            _optimizer_step(micro, step_fn, weight_fn, params, optimizer, scheduler, window, timer, cfg, device,
+                            precision, procs)
             step += 1
             faults.set_step(step)
-            _add(acc, {"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                elapsed = max(time.perf_counter() - window["t"], 1e-9)
-                last = _reduce(procs.sum_stats(acc))
-                tokens, pairs = (float(v) for v in procs.sum(torch.tensor([window["tokens"], window["pairs"]],
-                                                                          dtype=torch.float64)))
-                last.update(lr=lr, pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed, **timer.read())
+                last = window.row(procs, lr, timer)
                 metrics.write({"step": step, "epoch": order.epoch, **last})
-                acc = {}
-                window = {"t": time.perf_counter(), "tokens": 0, "pairs": 0}
+                window = _Window()
                 progress.set(step, last)
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
                 last_eval = _run_eval(eval_fn, metrics, step, model)
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
-                _save(procs, run_dir, step, model, optimizer, scheduler, order, acc, cfg)
+                save(step, window.sums)
             faults.maybe_fault("after_step")
         if eval_fn is not None:
             last_eval = _run_eval(eval_fn, metrics, step, model)
         if cfg.save_final:
-            _save(procs, run_dir, step, model, optimizer, scheduler, order, acc, cfg)
+            save(step, window.sums)
     finally:
         progress.close()
         metrics.close()
     return FitResult(step=step, last_metrics=last, last_eval=last_eval)
 
 
-def _save(procs: Processes, run_dir: Path, step: int, model, optimizer, scheduler, order: DataOrder, acc: Stats,
-          cfg: TrainConfig) -> None:
+def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: DataOrder, metrics: MetricsWriter,
+             device: torch.device, procs: Processes) -> tuple[int, _Window]:
+    """(the step to continue from, the open logging window): from the latest checkpoint on ``--resume``, else a
+    fresh start. Metrics rows logged after the checkpoint are dropped (they will be logged again)."""
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is None:
+        if resume:
+            metrics.truncate_after(0)
+        return 0, _Window()
+    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    order.load(state["data"])
+    # the window's sums were saved summed over processes: process 0 holds them, the others the same names at
+    # zero (every process must sum the same names, or their collectives would not match)
+    sums = MetricSums.from_state(state.get("metrics_window", {}), device)
+    metrics.truncate_after(state["step"])
+    return state["step"], _Window(sums if procs.is_main else sums.zeros_like())
+
+
+def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, params, optimizer, scheduler,
+                    window: _Window, timer: PhaseTimer, cfg: TrainConfig, device: torch.device, precision: str,
+                    procs: Processes) -> None:
+    """One optimizer step over its micro-batches: each micro-batch's summed loss divided by the step's total
+    weight, gradients all-reduced only after the last (DDP), clipping, the update and the schedule."""
+    total_weight = float(sum(weight_fn(b) for b in micro))
+    if procs.world > 1:  # normalise by the global weight; DDP averages the gradients, hence x world
+        total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64))) / procs.world
+    timer.lap("data", host=True)
+    for k, batch in enumerate(micro):
+        with procs.no_sync(skip=k < len(micro) - 1):  # forward and backward: DDP's rule
+            with autocast_context(device, precision):
+                out = step_fn(batch_to(batch, device))
+            timer.lap("forward")
+            (out.loss / max(total_weight, 1.0 / procs.world)).backward()
+        timer.lap("backward")
+        window.sums.add(out.stats)
+        window.tokens += out.tokens
+        window.pairs += out.pairs
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    timer.lap("optimizer")
+    timer.steps += 1
+    window.sums.add({"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
+
+
+def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model, optimizer, scheduler,
+          order: DataOrder, cfg: TrainConfig) -> None:
     """A checkpoint (process 0 writes it; every process takes part in summing the metric window first)."""
-    window = _stats_state(procs.sum_stats(acc))
+    window = sums.summed(procs).state()
     if procs.is_main:
         save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                         trainer_state={"data": order.state(), "metrics_window": window}, keep=cfg.keep_checkpoints)

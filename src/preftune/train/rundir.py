@@ -20,7 +20,7 @@ def make_run_dir(cfg: Config, command: str) -> Path:
     path = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(path)
-    save_config(cfg, path / "config.yaml")
+    save_config(cfg, path / "config.yaml", command=command)
     write_env(path, cfg.train.seed)
     return path
 

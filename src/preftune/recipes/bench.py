@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 TESTED_TRL = ("1.16", "2")  # DPOTrainer internals the gate relies on were read in TRL 1.16
 
@@ -66,7 +67,7 @@ def summary_path(out: Path) -> Path:
 def cmd_bench(args) -> int:
     import json
     import sys
-    from pathlib import Path
+
 
     try:
         import trl

@@ -1,26 +1,23 @@
-"""Pieces shared by the run_* functions: device and precision choice, data loading, saving the model."""
+"""Where and how a run computes: the device, the precision, threads and seeds, and the training-only settings
+of a model about to be trained."""
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from preftune.config import Config
-from preftune.train.distributed import world_size
+from preftune.errors import ConfigError
+from preftune.train.distributed import Processes, world_size
 
-log = logging.getLogger(__name__)
 
-
-def pick_device(cfg: Config | None = None) -> torch.device:
+def pick_device(cfg: Config | None = None, procs: Processes | None = None) -> torch.device:
     """``train.device``: ``auto`` takes a CUDA GPU when there is one, else the CPU; an explicit device that this
-    machine lacks is a config error, not a silent fall-back."""
-    from preftune.config import ConfigError
-
+    machine lacks is a config error, not a silent fall-back. Under several processes (``procs``): accelerate's
+    device for this process (one GPU per process)."""
+    if procs is not None and procs.world > 1:
+        return procs.device
     name = cfg.train.device if cfg is not None else "auto"
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -49,8 +46,6 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
       nor under several processes (DDP reduces dense gradient buckets)."""
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "base_model"):
-            from preftune.config import ConfigError
-
             raise ConfigError(f"config key 'train.gradient_checkpointing': {type(model).__name__} does not support it")
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -102,81 +97,3 @@ def setup_threads(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-
-
-def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out a deterministic ``fraction`` of ``items`` for evaluation."""
-    if fraction <= 0 or len(items) < 2:
-        return items, []
-    gen = torch.Generator().manual_seed(seed + 17)
-    perm = torch.randperm(len(items), generator=gen).tolist()
-    n_eval = max(1, int(round(fraction * len(items))))
-    held = set(perm[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Path:
-    """HF-format safetensors directory (full weights, or a peft adapter), written atomically (temporary
-    directory, then rename). ``extra(tmp_dir)`` may add files before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def save_policy(cfg: Config, policy: torch.nn.Module, tokenizer, run_dir: Path) -> None:
-    """``RUN/policy``: full weights, or the LoRA adapter (+ ``RUN/policy-merged`` when lora.export_merged).
-    An adapter directory records its base model spec so ``load_causal_lm`` can rebuild it offline."""
-    import json
-
-    from preftune.models.lora import BASE_FILE, is_peft_model
-
-    if not is_peft_model(policy):
-        save_model(policy, tokenizer, run_dir / "policy")
-        return
-    base = json.dumps({"model": cfg.model, "seed": cfg.train.seed})
-    save_model(policy, tokenizer, run_dir / "policy", extra=lambda tmp: (tmp / BASE_FILE).write_text(base))
-    if cfg.lora.export_merged:
-        save_model(policy.merge_and_unload(), tokenizer, run_dir / "policy-merged")
-
-
-def load_file(cfg: Config, path: str, read, tokenize, tokenizer) -> tuple[list, object]:
-    """Read, validate and tokenise one data file with ``read(path) -> (records, SkipReport)`` and
-    ``tokenize(tokenizer, record, **limits)`` under ``cfg.data``'s limits; log skipped records and truncation.
-    Returns (tokenised items, SkipReport)."""
-    from preftune.data.tokenize import TruncationStats
-
-    d = cfg.data
-    records, report = read(path)
-    if report.skipped:
-        log.warning("%s: %s", path, report.summary())
-    stats = TruncationStats()
-    items = [tokenize(tokenizer, r, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
-                      prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for r in records]
-    if stats.prompts_truncated or stats.responses_truncated:
-        log.warning("%s: %s", path, stats.summary())
-    return items, report
-
-
-def load_splits(cfg: Config, read, tokenize, tokenizer) -> tuple[list, list]:
-    """``data.train`` and ``data.eval`` through :func:`load_file`; hold out ``data.eval_fraction`` of train when no
-    eval file is given."""
-    from preftune.errors import InputError
-
-    d = cfg.data
-    if not d.train:
-        raise InputError("no training data: set data.train=PATH")
-    out = [load_file(cfg, path, read, tokenize, tokenizer)[0] if path else [] for path in (d.train, d.eval)]
-    train, evals = out
-    if not evals and d.eval_fraction > 0:
-        train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
-    return train, evals

@@ -21,18 +21,32 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from safetensors.torch import load_file
+from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, load_config
-from preftune.data.records import write_jsonl
-from preftune.experiments.evaluation import HeldOut, evaluate_policy, full_text, mean_ci
-from preftune.experiments.sentiment import DemoSettings, build_pairs, demo_prompts
-from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-from preftune.train.common import setup_threads
-from preftune.train.rundir import atomic_write_text
+from preftune.eval.sentiment_task import DemoSettings
+from preftune.recipes.common import register_experiment
 
 log = logging.getLogger(__name__)
+
+
+
+def register(sub) -> None:
+    register_experiment(
+        sub, "frontier", help="the DPO paper's reward-KL frontier on the sentiment task",
+        description="Train DPO at several beta, PPO with a learned reward model at several KL coefficients, "
+                    "PPO-GT (PPO on the oracle), Preferred-FT, and best-of-N from the reference; evaluate each "
+                    "along training on held-out prompts (oracle reward, KL from the policy's own samples); write "
+                    "frontier.json and frontier.png.",
+        epilog="Keys: frontier.* (FrontierSettings in preftune/recipes/frontier.py: dpo_betas, ppo_kl_coefs, "
+               "ppo_gt, preferred_ft, best_of_n, eval_points, dpo_steps, sft_steps, reward_steps, ppo_batch_size, "
+               "ppo_minibatch_size, ppo_epochs, ppo_lr, ppo_iterations, and the demo's prompt/sampling keys), plus model, "
+               "data.*, train.*.\nRe-running with the same --out reuses every run that finished under the same "
+               "settings (RUN/result.json): an interrupted frontier, or one re-tuned for one method, repeats only "
+               "what changed.",
+        config=FrontierConfig, quick=quick_defaults, run=run,
+        quick_help="one setting per method, few points (< 10 min here)",
+        out_help="output directory (default runs/frontier-<time>)")
 
 
 @dataclass
@@ -59,6 +73,8 @@ def _train_defaults() -> TrainConfig:
 
 @dataclass
 class FrontierConfig(Config):
+    COMMANDS: ClassVar[tuple[str, ...]] = ("frontier",)
+
     frontier: FrontierSettings = field(default_factory=lambda: FrontierSettings(train_prompts=128,
                                                                                 heldout_prompts=48,
                                                                                 eval_samples_per_prompt=2))
@@ -85,18 +101,26 @@ def _point(method: str, setting: str, step: int, ev: dict) -> dict:
             "reward": ev["reward"], "reward_ci": ev["reward_ci95"]}
 
 
-def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base: Config | None = None) -> Config:
-    """A run's config: the frontier's model, data and train sections plus ``overrides``."""
-    sub = base if base is not None else Config()
+def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base) -> object:
+    """A run's config (``base``: the command's own, e.g. ``SFTRunConfig()``): the frontier's model, and its data and
+    train sections where the command reads them, plus ``overrides``."""
+    sub = base
     sub.model, sub.trust_remote_code = cfg.model, cfg.trust_remote_code
-    sub.data = DataConfig(**vars(cfg.data))
-    sub.train = TrainConfig(**vars(cfg.train))
+    if hasattr(sub, "data"):
+        sub.data = DataConfig(**vars(cfg.data))
+    if isinstance(sub.train, TrainConfig):
+        sub.train = TrainConfig(**vars(cfg.train))
     sub.run.dir, sub.run.plot = str(run_dir), False
     return load_config(None, overrides, base=sub)
 
 
-def _checkpoint_points(method: str, setting: str, run_dir: Path, held: HeldOut, spec: str, seed: int) -> list[dict]:
+def _checkpoint_points(method: str, setting: str, run_dir: Path, held, spec: str, seed: int) -> list[dict]:
     """Evaluate every checkpoint a supervised run (DPO, Preferred-FT) left along its training."""
+    from safetensors.torch import load_file
+
+    from preftune.eval.heldout import evaluate_policy
+    from preftune.models.load import load_causal_lm
+
     points = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
         policy = load_causal_lm(spec, seed=seed)
@@ -124,6 +148,8 @@ def _reused_or_run(run_dir: Path, key: dict, run):
     """A run's result (its points), reused from ``RUN/result.json`` when it was written under the same ``key``, so
     that an interrupted or re-tuned frontier in the same ``--out`` repeats only what changed; otherwise the run
     starts from scratch in an emptied ``run_dir``."""
+    from preftune.train.rundir import atomic_write_text
+
     cache = run_dir / "result.json"
     key = json.loads(json.dumps(key))  # as it reads back
     if cache.is_file():
@@ -141,8 +167,10 @@ def _reused_or_run(run_dir: Path, key: dict, run):
     return result
 
 
-def _best_of_n(held: HeldOut, rm, ns: list[int]) -> list[dict]:
+def _best_of_n(held, rm, ns: list[int]) -> list[dict]:
     """Best-of-N from the reference scored by the learned RM; disjoint groups of the n_max samples per prompt."""
+    from preftune.eval.heldout import full_text, mean_ci
+
     n_max = max(ns)
     samples = held.sample_n(held.reference, n_max)
     rm_scores = rm([full_text(s) for s in samples])
@@ -161,17 +189,96 @@ def _best_of_n(held: HeldOut, rm, ns: list[int]) -> list[dict]:
     return points
 
 
-def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick: bool = False,
-                 out: str | None = None) -> dict:
+class _Frontier:
+    """What every arm shares: the config, the output root, the held-out evaluation, the pairs file, the reuse key
+    common to all runs, and the points found so far."""
+
+    def __init__(self, cfg: FrontierConfig, root: Path, held, sample_budget: int):
+        self.cfg, self.f, self.root, self.held, self.sample_budget = cfg, cfg.frontier, root, held, sample_budget
+        self.data = [f"data.train={root / 'pairs.jsonl'}"]
+        # what every run's result depends on; each run adds its own settings
+        self.common = {"model": cfg.model, "ref_model": cfg.ref_model, "data": _changed(cfg.data, DataConfig()),
+                       "train": _changed(cfg.train, TrainConfig()),
+                       "prompts": {k: getattr(self.f, k) for k in vars(DemoSettings())},
+                       "eval_points": self.f.eval_points}
+
+    def every(self, steps: int) -> int:
+        return max(1, steps // self.f.eval_points)
+
+    def supervised(self, method: str, setting: str, name: str, run, base, overrides: list[str], key: dict) -> list:
+        """A DPO or Preferred-FT arm: train with checkpoints along the way, evaluate each checkpoint."""
+        run_dir = self.root / "runs" / name
+
+        def train():
+            run(_sub_config(self.cfg, run_dir, self.data + overrides, base))
+            return _checkpoint_points(method, setting, run_dir, self.held, self.cfg.model, self.cfg.train.seed)
+
+        return _reused_or_run(run_dir, {**self.common, **key}, train)
+
+    def reward_model(self) -> tuple[dict, dict]:
+        """The learned reward model PPO optimises and best-of-N selects with: (its run's result, its reuse key)."""
+        from preftune.recipes.reward import RewardRunConfig, run as run_reward
+
+        rm_dir = self.root / "runs" / "reward"
+        # the score is read at an EOS that ends every response (read at whatever word a sample ends on, the reward
+        # model stayed at chance on these pairs); lr 5e-5 was the best of those tried on SmolLM2
+        overrides = self.data + ["data.eval_fraction=0.15", "train.optimizer=adamw",
+                                 f"train.max_steps={self.f.reward_steps}", "train.lr=5e-5", "data.append_eos=true",
+                                 "train.layout=padded"]
+        # keyed on what the reward run reads: its own overrides replace those train.* keys (train.lr, ...)
+        key = {**self.common, "train": _train_without(self.cfg, overrides), "steps": self.f.reward_steps}
+        result = _reused_or_run(rm_dir, key, lambda: run_reward(_sub_config(self.cfg, rm_dir, overrides,
+                                                                            RewardRunConfig())))
+        return result, key
+
+    def ppo(self, method: str, coef: float, scorer: str, scorer_key, iterations: int, prompts: list[str]) -> list:
+        """A PPO arm (learned reward model or the oracle itself), evaluated by a hook along its iterations."""
+        from preftune.eval.heldout import evaluate_policy
+        from preftune.recipes.ppo import PPORunConfig, run as run_ppo
+
+        f, cfg, setting = self.f, self.cfg, f"kl_coef={coef}"
+        run_dir = self.root / "runs" / f"{method.lower()}-{coef}"
+        overrides = [f"train.seed={cfg.train.seed}", "train.progress=false",
+                     f"train.num_threads={cfg.train.num_threads if cfg.train.num_threads else 'null'}",
+                     f"ppo.scorer={scorer}", f"ppo.kl_coef={coef}", f"ppo.iterations={iterations}",
+                     f"ppo.max_new_tokens={f.max_new_tokens}", f"ppo.batch_size={f.ppo_batch_size}",
+                     f"ppo.ppo_epochs={f.ppo_epochs}", f"ppo.lr={f.ppo_lr}",
+                     f"ppo.minibatch_size={f.ppo_minibatch_size or max(1, f.ppo_batch_size // 2)}",
+                     f"ppo.eval_every={self.every(iterations)}"]
+
+        def train():
+            found: list[dict] = []
+
+            def hook(policy, step):
+                ev = evaluate_policy(policy, self.held)
+                found.append(_point(method, setting, step, ev))
+                log.info("%s %s iteration %d: reward %.3f kl %.2f", method, setting, step, ev["reward"], ev["kl"])
+                return {"oracle_reward": ev["reward"], "kl_heldout": ev["kl"]}
+
+            run_ppo(_sub_config(cfg, run_dir, overrides, PPORunConfig()), eval_hook=hook, prompts=prompts)
+            return found
+
+        # PPO reads only the seed and thread count of the train section (its own settings are frontier.ppo_*)
+        key = {**{k: v for k, v in self.common.items() if k != "train"}, "seed": cfg.train.seed,
+               "num_threads": cfg.train.num_threads, "iterations": iterations,
+               **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr")},
+               "kl_coef": coef, "scorer": scorer_key}
+        return _reused_or_run(run_dir, key, train)
+
+
+def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
+    """Every arm of the frontier, each reused when it finished under the same settings; writes frontier.json and
+    frontier.png into ``out`` (or run.dir) and returns the result."""
+    from preftune.data.records import write_jsonl
+    from preftune.eval.heldout import HeldOut, evaluate_policy, full_text
     from preftune.eval.plots import plot_frontier
     from preftune.eval.scorers import SentimentOracle, get_scorer
-    from preftune.train.dpo import run_dpo
-    from preftune.train.ppo import PPORunConfig, run_ppo
-    from preftune.train.reward import run_reward
-    from preftune.train.sft import run_sft
+    from preftune.eval.sentiment_task import build_pairs, demo_prompts
+    from preftune.models.load import load_reference, load_tokenizer
+    from preftune.recipes.dpo import run as run_dpo
+    from preftune.recipes.sft import SFTRunConfig, run as run_sft
+    from preftune.train.runtime import setup_threads
 
-    base = quick_defaults(FrontierConfig()) if quick else FrontierConfig()
-    cfg = load_config(config, list(overrides), base=base)
     f = cfg.frontier
     root = Path(out or cfg.run.dir or f"runs/frontier-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)
@@ -185,83 +292,28 @@ def run_frontier(*, config: str | None = None, overrides: list[str] = (), quick:
                    batch_size=f.generation_batch_size, seed=cfg.train.seed + 1)
 
     train_samples = generate_pairs_samples(reference, tokenizer, train_prompts, f, cfg.train.seed)
-    pairs = build_pairs(train_samples, oracle([full_text(s) for s in train_samples]), tokenizer, f)
-    write_jsonl(root / "pairs.jsonl", pairs)
-    sample_budget = len(train_samples)
+    write_jsonl(root / "pairs.jsonl", build_pairs(train_samples, oracle([full_text(s) for s in train_samples]),
+                                                  tokenizer, f))
+    arms = _Frontier(cfg, root, held, sample_budget=len(train_samples))
     points = [_point("reference", "-", 0, evaluate_policy(reference, held, is_reference=True))]
-
-    every = lambda steps: max(1, steps // f.eval_points)  # noqa: E731
-    data = [f"data.train={root / 'pairs.jsonl'}"]
-    # what every run's result depends on; each run adds its own settings
-    common = {"model": cfg.model, "ref_model": cfg.ref_model, "data": _changed(cfg.data, DataConfig()),
-              "train": _changed(cfg.train, TrainConfig()),
-              "prompts": {k: getattr(f, k) for k in vars(DemoSettings())}, "eval_points": f.eval_points}
     for beta in _floats(f.dpo_betas):
-        run_dir = root / "runs" / f"dpo-beta{beta}"
-
-        def dpo(run_dir=run_dir, beta=beta):
-            run_dpo(_sub_config(cfg, run_dir, data + [f"dpo.beta={beta}", f"train.max_steps={f.dpo_steps}",
-                                                      f"train.save_every={every(f.dpo_steps)}"]))
-            return _checkpoint_points("DPO", f"beta={beta}", run_dir, held, cfg.model, cfg.train.seed)
-
-        points += _reused_or_run(run_dir, {**common, "beta": beta, "steps": f.dpo_steps}, dpo)
+        points += arms.supervised("DPO", f"beta={beta}", f"dpo-beta{beta}", run_dpo, Config(),
+                                  [f"dpo.beta={beta}", f"train.max_steps={f.dpo_steps}",
+                                   f"train.save_every={arms.every(f.dpo_steps)}"], {"beta": beta, "steps": f.dpo_steps})
     if f.preferred_ft:
-        run_dir = root / "runs" / "preferred-ft"
-
-        def sft(run_dir=run_dir):
-            run_sft(_sub_config(cfg, run_dir, data + [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
-                                                      f"train.save_every={every(f.sft_steps)}"]))
-            return _checkpoint_points("Preferred-FT", "-", run_dir, held, cfg.model, cfg.train.seed)
-
-        points += _reused_or_run(run_dir, {**common, "steps": f.sft_steps}, sft)
-
-    rm_dir = root / "runs" / "reward"
-    # the score is read at an EOS that ends every response (read at whatever word a sample ends on, the reward
-    # model stayed at chance on these pairs); lr 5e-5 was the best of those tried on SmolLM2
-    rm_overrides = data + ["data.eval_fraction=0.15", "train.optimizer=adamw", f"train.max_steps={f.reward_steps}",
-                           "train.lr=5e-5", "data.append_eos=true", "train.layout=padded"]
-    # keyed on what the reward run reads: its own overrides replace those train.* keys (train.lr, ...)
-    rm_key = {**common, "train": _train_without(cfg, rm_overrides), "steps": f.reward_steps}
-    rm_result = _reused_or_run(rm_dir, rm_key, lambda: run_reward(_sub_config(cfg, rm_dir, rm_overrides)))
+        points += arms.supervised("Preferred-FT", "-", "preferred-ft", run_sft, SFTRunConfig(),
+                                  [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
+                                   f"train.save_every={arms.every(f.sft_steps)}"], {"steps": f.sft_steps})
+    rm_result, rm_key = arms.reward_model()
     rm_path = f"rm:{rm_result['reward_model']}"
-    iterations = f.ppo_iterations or max(1, math.ceil(sample_budget / f.ppo_batch_size))
-    ppo_runs = [("PPO", f"kl_coef={c}", rm_path, c) for c in _floats(f.ppo_kl_coefs)]
-    ppo_runs += [("PPO-GT", "kl_coef=0.05", "sentiment", 0.05)] if f.ppo_gt else []
-    # PPO reads only the seed and thread count of the train section (its own settings are frontier.ppo_*)
-    ppo_key = {**{k: v for k, v in common.items() if k != "train"}, "seed": cfg.train.seed,
-               "num_threads": cfg.train.num_threads, "iterations": iterations, **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size",
-                                                                               "ppo_epochs", "ppo_lr")}}
-    for method, setting, scorer, coef in ppo_runs:
-        run_dir = root / "runs" / f"{method.lower()}-{coef}"
-
-        def ppo(run_dir=run_dir, method=method, setting=setting, scorer=scorer, coef=coef):
-            ppo_cfg = PPORunConfig(model=cfg.model, trust_remote_code=cfg.trust_remote_code)
-            ppo_cfg.run.dir, ppo_cfg.run.plot = str(run_dir), False
-            ppo_cfg.train.seed, ppo_cfg.train.progress, ppo_cfg.train.num_threads = (cfg.train.seed, False,
-                                                                                     cfg.train.num_threads)
-            p = ppo_cfg.ppo
-            p.scorer, p.kl_coef, p.iterations, p.max_new_tokens = scorer, coef, iterations, f.max_new_tokens
-            p.batch_size, p.ppo_epochs, p.lr = f.ppo_batch_size, f.ppo_epochs, f.ppo_lr
-            p.minibatch_size = f.ppo_minibatch_size or max(1, f.ppo_batch_size // 2)
-            p.eval_every = every(iterations)
-            found: list[dict] = []
-
-            def hook(policy, step):
-                ev = evaluate_policy(policy, held)
-                found.append(_point(method, setting, step, ev))
-                log.info("%s %s iteration %d: reward %.3f kl %.2f", method, setting, step, ev["reward"], ev["kl"])
-                return {"oracle_reward": ev["reward"], "kl_heldout": ev["kl"]}
-
-            run_ppo(ppo_cfg, eval_hook=hook, prompts=train_prompts)
-            return found
-
-        key = {**ppo_key, "kl_coef": coef, "scorer": "sentiment" if scorer == "sentiment" else rm_key}
-        points += _reused_or_run(run_dir, key, ppo)
-
-    rm = get_scorer(rm_path)
-    points += _best_of_n(held, rm, [int(n) for n in f.best_of_n.split(",")])
+    iterations = f.ppo_iterations or max(1, math.ceil(arms.sample_budget / f.ppo_batch_size))
+    for coef in _floats(f.ppo_kl_coefs):
+        points += arms.ppo("PPO", coef, rm_path, rm_key, iterations, train_prompts)
+    if f.ppo_gt:
+        points += arms.ppo("PPO-GT", 0.05, "sentiment", "sentiment", iterations, train_prompts)
+    points += _best_of_n(held, get_scorer(rm_path), [int(n) for n in f.best_of_n.split(",")])
     budget = {"dpo_settings": len(_floats(f.dpo_betas)), "ppo_settings": len(_floats(f.ppo_kl_coefs)),
-              "dpo_samples": sample_budget, "ppo_samples_per_run": iterations * f.ppo_batch_size,
+              "dpo_samples": arms.sample_budget, "ppo_samples_per_run": iterations * f.ppo_batch_size,
               "reward_model_heldout_accuracy": rm_result["eval"].get("eval/accuracy"),
               "eval": f"{len(heldout_prompts)} held-out prompts x {f.eval_samples_per_prompt} samples per point"}
     result = {"points": points, "budget": budget, "model": cfg.model, "oracle_heldout_accuracy":
@@ -286,3 +338,6 @@ def format_points(points: list[dict]) -> str:
         lines.append(f"{p['method']:14}{p['setting']:14}{p['step']:>6}{p['kl']:>12.2f}"
                      f"{p['reward']:>13.3f} ± {p['reward_ci']:.3f}")
     return "\n".join(lines)
+
+
+CONFIG = FrontierConfig  # this command's config (configs/*.yaml that name `command: frontier` parse with it)

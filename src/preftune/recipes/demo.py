@@ -16,33 +16,27 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-
-from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, load_config
-from preftune.data.records import write_jsonl
+from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, config_help, load_config
 from preftune.errors import InputError
-from preftune.eval.sampling import Sample, generate
-from preftune.experiments.evaluation import HeldOut, evaluate_policy, full_text, mean_ci
-from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-from preftune.paths import shared_data_dir
-from preftune.train.common import setup_threads
+from preftune.eval.sentiment_task import DemoSettings
+from preftune.recipes.common import register_experiment
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DemoSettings:
-    prompts: str = "rotten_tomatoes"  # rotten_tomatoes (shipped snippets) | imdb (../shared/data, as in the paper)
-    imdb_path: str | None = None  # default: <shared data>/imdb/reviews.jsonl
-    train_prompts: int = 256
-    heldout_prompts: int = 64
-    samples_per_prompt: int = 4  # reference samples per train prompt, scored to form pairs
-    pairs_per_prompt: int = 2  # best vs worst, 2nd best vs 2nd worst, ...
-    min_score_gap: float = 0.05  # skip pairs whose oracle scores are closer than this
-    eval_samples_per_prompt: int = 4
-    max_new_tokens: int = 24
-    temperature: float = 1.0  # 1.0 keeps the KL estimate unbiased
-    generation_batch_size: int = 64
+
+def register(sub) -> None:
+    register_experiment(
+        sub, "demo", help="the main job: the DPO paper's sentiment experiment in miniature",
+        description="Sample movie-review continuations from the embedded model, score them with a sentiment oracle, "
+                    "build preference pairs, train with DPO, and compare reference vs policy on held-out prompts: "
+                    "oracle reward, VADER and KL(policy||reference).",
+        epilog="The optional config (e.g. configs/sentiment-imdb.yaml) and overrides use the keys below (DemoConfig "
+               "in preftune/recipes/demo.py).\n" + config_help(DemoConfig),
+        config=DemoConfig, quick=quick_defaults, run=run, quick_help="a ~3 minute version (fewer prompts and steps)",
+        out_help="run directory (default runs/demo-<time>)")
 
 
 def _demo_train() -> TrainConfig:
@@ -52,6 +46,10 @@ def _demo_train() -> TrainConfig:
 
 @dataclass
 class DemoConfig(Config):
+    """``preftune demo``'s config: the preference-training config (its DPO run reads all of it) plus ``demo:``."""
+
+    COMMANDS: ClassVar[tuple[str, ...]] = ("demo",)
+
     demo: DemoSettings = field(default_factory=DemoSettings)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=64, max_prompt_tokens=24,
                                                                 eval_fraction=0.1, append_eos=False))
@@ -72,43 +70,7 @@ def build_config(config: str | None, overrides: list[str], quick: bool) -> DemoC
     return load_config(config, overrides, base=base)
 
 
-def demo_prompts(d: DemoSettings, seed: int) -> tuple[list[str], list[str]]:
-    """(train, held-out) review openings: Rotten Tomatoes snippets shipped in a wheel, or IMDb reviews."""
-    from preftune.experiments.prompts import imdb_prompts, rotten_tomatoes_prompts, split_prompts
-
-    n = d.train_prompts + d.heldout_prompts
-    if d.prompts == "imdb":
-        path = Path(d.imdb_path) if d.imdb_path else shared_data_dir() / "imdb" / "reviews.jsonl"
-        prompts = imdb_prompts(path, n, seed=seed)
-    elif d.prompts == "rotten_tomatoes":
-        prompts = rotten_tomatoes_prompts(n, seed=seed)
-    else:
-        raise InputError(f"prompts: {d.prompts!r} is not one of rotten_tomatoes, imdb")
-    return split_prompts(prompts, d.heldout_prompts / n, seed=seed)
-
-
-def build_pairs(samples: list[Sample], scores: list[float], tokenizer, settings: DemoSettings) -> list[dict]:
-    """Per prompt: rank its samples by oracle score and pair best with worst, 2nd best with 2nd worst...
-    The response text keeps a generated EOS token literally, so training sees exactly the sampled tokens."""
-    by_prompt: dict[str, list[tuple[float, Sample]]] = {}
-    for s, score in zip(samples, scores):
-        by_prompt.setdefault(s.prompt, []).append((score, s))
-    pairs = []
-    for prompt, scored in by_prompt.items():
-        ranked = sorted(scored, key=lambda x: -x[0])
-        for k in range(min(settings.pairs_per_prompt, len(ranked) // 2)):
-            (hi, best), (lo, worst) = ranked[k], ranked[-1 - k]
-            if hi - lo < settings.min_score_gap:
-                continue
-            text = [tokenizer.decode(x.completion_ids, skip_special_tokens=False) for x in (best, worst)]
-            if text[0] == text[1]:
-                continue
-            pairs.append({"prompt": prompt, "chosen": text[0], "rejected": text[1],
-                          "chosen_score": hi, "rejected_score": lo})
-    return pairs
-
-
-def _sample_rows(samples: list[Sample], oracle_scores: list[float], vader_scores: list[float],
+def _sample_rows(samples: list, oracle_scores: list[float], vader_scores: list[float],
                  kls: list[float] | None = None) -> list[dict]:
     rows = []
     for i, (s, o, v) in enumerate(zip(samples, oracle_scores, vader_scores)):
@@ -119,12 +81,19 @@ def _sample_rows(samples: list[Sample], oracle_scores: list[float], vader_scores
     return rows
 
 
-def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: bool = False,
-             out: str | None = None) -> dict:
+def run(cfg: DemoConfig, *, out: str | None = None) -> dict:
+    """Pairs from the reference's samples ranked by the oracle, DPO on them, then reference vs policy on held-out
+    prompts; returns the summary (also RUN/summary.json)."""
+    from preftune.data.records import write_jsonl
+    from preftune.eval.heldout import HeldOut, evaluate_policy, full_text
+    from preftune.eval.plots import plot_demo
+    from preftune.eval.sampling import generate
     from preftune.eval.scorers import SentimentOracle, VaderScorer
-    from preftune.train.dpo import run_dpo
+    from preftune.eval.sentiment_task import build_pairs, demo_prompts
+    from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
+    from preftune.recipes.dpo import run as run_dpo
+    from preftune.train.runtime import setup_threads
 
-    cfg = build_config(config, list(overrides), quick)
     run_dir = Path(out or cfg.run.dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(run_dir)
@@ -173,8 +142,6 @@ def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: boo
     summary = _summary(cfg, oracle, scores, pol_eval, pairs, dpo_result, timings, len(train_prompts),
                        len(heldout_prompts))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    from preftune.eval.plots import plot_demo
-
     plot_demo(summary, scores, run_dir / "demo.png")
     print(format_table(summary))
     print(f"\nrun directory: {run_dir}  (summary.json, demo.png, training.png, samples_*.jsonl, policy/)")
@@ -183,13 +150,15 @@ def run_demo(*, config: str | None = None, overrides: list[str] = (), quick: boo
 
 def _autocast(cfg: Config):
     from preftune.models.logprobs import autocast_context
-    from preftune.train.common import pick_device, resolve_precision
+    from preftune.train.runtime import pick_device, resolve_precision
 
     device = pick_device(cfg)
     return autocast_context(device, resolve_precision(cfg, device))
 
 
 def _summary(cfg, oracle, scores, pol_eval, pairs, dpo_result, timings, n_train, n_heldout) -> dict:
+    from preftune.eval.heldout import mean_ci
+
     ref_r, ref_ci = mean_ci(scores["sentiment"][0])
     pol_r, pol_ci = mean_ci(scores["sentiment"][1])
     ref_v, ref_vci = mean_ci(scores["vader"][0])
@@ -222,3 +191,6 @@ def format_table(s: dict) -> str:
         f"total {s['timings']['total_s'] / 60:.1f} min)",
     ]
     return "\n".join(lines)
+
+
+CONFIG = DemoConfig  # this command's config (configs/*.yaml that name `command: demo` parse with it)

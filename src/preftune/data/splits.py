@@ -1,0 +1,74 @@
+"""A run's data: read, validate and tokenise its files under ``data.*``, and hold out an eval split."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from preftune.config import Config
+from preftune.data.records import read_preference_pairs, read_sft_examples
+from preftune.data.tokenize import (TokenizedExample, TokenizedPair, TruncationStats, tokenize_example,
+                                    tokenize_pair)
+from preftune.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a deterministic ``fraction`` of ``items`` for evaluation."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    gen = torch.Generator().manual_seed(seed + 17)
+    perm = torch.randperm(len(items), generator=gen).tolist()
+    n_eval = max(1, int(round(fraction * len(items))))
+    held = set(perm[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def load_file(cfg: Config, path: str, read, tokenize, tokenizer) -> tuple[list, object]:
+    """Read, validate and tokenise one data file with ``read(path) -> (records, SkipReport)`` and
+    ``tokenize(tokenizer, record, **limits)`` under ``cfg.data``'s limits; log skipped records and truncation.
+    Returns (tokenised items, SkipReport)."""
+    d = cfg.data
+    records, report = read(path)
+    if report.skipped:
+        log.warning("%s: %s", path, report.summary())
+    stats = TruncationStats()
+    items = [tokenize(tokenizer, r, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
+                      prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for r in records]
+    if stats.prompts_truncated or stats.responses_truncated:
+        log.warning("%s: %s", path, stats.summary())
+    return items, report
+
+
+def load_splits(cfg: Config, read, tokenize, tokenizer) -> tuple[list, list]:
+    """``data.train`` and ``data.eval`` through :func:`load_file`; hold out ``data.eval_fraction`` of train when no
+    eval file is given."""
+    d = cfg.data
+    if not d.train:
+        raise InputError("no training data: set data.train=PATH")
+    out = [load_file(cfg, path, read, tokenize, tokenizer)[0] if path else [] for path in (d.train, d.eval)]
+    train, evals = out
+    if not evals and d.eval_fraction > 0:
+        train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
+    return train, evals
+
+
+def pair_reader(cfg: Config):
+    """``read(path) -> (pairs, SkipReport)`` under ``cfg.data``'s validation settings."""
+    d = cfg.data
+    return functools.partial(read_preference_pairs, on_invalid=d.on_invalid, limit=d.limit,
+                             max_pairs_per_prompt=d.max_pairs_per_prompt)
+
+
+def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """Read, validate and tokenise the train and eval preference pairs; report skipped rows and truncation."""
+    return load_splits(cfg, pair_reader(cfg), tokenize_pair, tokenizer)
+
+
+def load_tokenized_examples(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """The same for SFT examples (``{prompt, completion}``, ``{messages}``, or pairs' chosen responses)."""
+    read = functools.partial(read_sft_examples, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
+    return load_splits(cfg, read, tokenize_example, tokenizer)

@@ -1,0 +1,43 @@
+"""Writing models: an HF-format safetensors directory, written atomically, and a run's final policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from preftune.models.lora import BASE_FILE, is_peft_model
+
+
+def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Path:
+    """HF-format safetensors directory (full weights, or a peft adapter), written atomically (temporary
+    directory, then rename). ``extra(tmp_dir)`` may add files before the rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save_policy(cfg, policy: torch.nn.Module, tokenizer, run_dir: Path) -> None:
+    """``RUN/policy``: full weights, or the LoRA adapter (+ ``RUN/policy-merged`` when lora.export_merged).
+    An adapter directory records its base model spec so ``load_causal_lm`` can rebuild it offline."""
+    if not is_peft_model(policy):
+        save_model(policy, tokenizer, run_dir / "policy")
+        return
+    base = json.dumps({"model": cfg.model, "seed": cfg.train.seed})
+    save_model(policy, tokenizer, run_dir / "policy", extra=lambda tmp: (tmp / BASE_FILE).write_text(base))
+    if cfg.lora.export_merged:
+        save_model(policy.merge_and_unload(), tokenizer, run_dir / "policy-merged")

@@ -1,0 +1,108 @@
+"""What every recipe's command line shares: the optional YAML and the ``key=value`` overrides, the one
+``--resume`` rule, and printing a run's summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from preftune.config import load_config
+from preftune.errors import ConfigError
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+RESUME_RULE = ("--resume RUN_DIR continues the run in RUN_DIR from its last checkpoint, with the config saved there\n"
+               "(RUN_DIR/config.yaml); key=value overrides still apply, a YAML file is refused.")
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the first ``*.yaml``/``*.yml`` argument without ``=``, the other arguments as overrides)."""
+    path = None
+    overrides = []
+    for a in args:
+        if "=" not in a and a.endswith((".yaml", ".yml")) and path is None:
+            path = a
+        else:
+            overrides.append(a)
+    return path, overrides
+
+
+def add_config_args(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
+                   help="an optional YAML config, then dotted overrides (see below)")
+    if resume:
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, "
+                                                           "with its saved config (overrides apply; no YAML)")
+
+
+def load_run_config(args: list[str], resume: str | None, new: Callable[[], Any], *,
+                    check: Callable[[Any], None] | None = None) -> Any:
+    """The one config rule of every command: defaults (``new()``) <- YAML <- overrides. With ``--resume RUN_DIR``:
+    RUN_DIR/config.yaml <- overrides, and the run continues in RUN_DIR (wherever the saved config's run.dir
+    pointed: a copied run directory must not write into its original); a YAML file given as well is refused
+    rather than silently dropped. ``check(cfg)``: the command's own checks, before anything loads."""
+    path, overrides = split_config_args(args)
+    if not resume:
+        cfg = load_config(path, overrides, base=new())
+    else:
+        if path is not None:
+            raise ConfigError(f"--resume takes its config from {resume}/config.yaml; pass overrides only, "
+                              f"not {path}")
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no config.yaml there (not a run directory)")
+        cfg = load_config(saved, [*overrides, f"run.dir={resume}"], base=new(), skip_defaults=True)
+    if check is not None:
+        check(cfg)
+    return cfg
+
+
+def register_training(sub, name: str, *, help: str, description: str, config: type, run: Callable, epilog: str = "",
+                      check: Callable[[Any], None] | None = None) -> None:
+    """A training command's sub-command: ``[CONFIG.yaml] key=value ... [--resume RUN_DIR]``, the config built by
+    ``load_run_config`` (``check``: the command's own checks), ``run(cfg, resume=...)``'s summary printed as JSON.
+    The help ends with every key of ``config`` (generated) and ``epilog``."""
+    from preftune.config import config_help
+
+    p = sub.add_parser(name, help=help, description=f"{description}\n{RESUME_RULE}",
+                       epilog=config_help(config) + epilog, formatter_class=FORMATTER)
+    add_config_args(p, resume=True)
+    p.set_defaults(func=lambda args: print_result(run(load_run_config(args.args, args.resume, config, check=check),
+                                                      resume=bool(args.resume))))
+
+
+def register_experiment(sub, name: str, *, help: str, description: str, epilog: str, config: type,
+                        quick: Callable[[Any], Any], run: Callable, quick_help: str, out_help: str) -> None:
+    """An experiment's sub-command (demo, frontier): ``[CONFIG.yaml] key=value ... [--quick] [--out DIR]``;
+    ``quick(config())`` gives the --quick defaults the YAML and overrides then apply to."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=FORMATTER)
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", help=out_help)
+
+    def main(args) -> int:
+        path, overrides = split_config_args(args.args)
+        run(load_config(path, overrides, base=quick(config()) if args.quick else config()), out=args.out)
+        return 0
+
+    p.set_defaults(func=main)
+
+
+def print_result(result: dict) -> int:
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None:
+    """The end of a policy-training run (DPO, SFT): process 0 saves RUN/policy and plots the metrics around one
+    barrier."""
+    from preftune.eval.plots import plot_training
+    from preftune.models.save import save_policy
+    from preftune.train.rundir import read_metrics
+
+    if procs.is_main and cfg.train.save_final:
+        save_policy(cfg, policy, tokenizer, run_dir)
+    procs.barrier()
+    if procs.is_main and cfg.run.plot:
+        plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind=kind)

@@ -1,0 +1,89 @@
+"""The policy about to be trained and the reference it is measured against: LoRA wrapping, training-only model
+settings, and the reference strategy (a frozen copy, the adapter switched off, log-probs precomputed and cached,
+or none for reference-free losses)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from preftune.config import Config
+from preftune.errors import ConfigError
+from preftune.losses import PreferenceLoss
+from preftune.models.load import load_causal_lm, load_reference
+from preftune.models.lora import apply_lora
+from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
+                                       weights_identity)
+from preftune.train.distributed import Processes
+from preftune.train.runtime import prepare_for_training
+
+log = logging.getLogger(__name__)
+Reference = FrozenReference | AdapterReference | PrecomputedReference
+
+
+def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
+    mode = cfg.reference.mode
+    if not loss_fn.needs_reference:
+        if mode not in ("none", "model"):
+            raise ConfigError(f"loss '{loss_fn.name}' is reference-free: set reference.mode=none, not {mode!r}")
+        return "none"
+    if mode == "none":
+        raise ConfigError(f"loss '{loss_fn.name}' needs a reference: reference.mode=none only suits simpo/orpo")
+    if mode == "adapter" and cfg.ref_model not in (None, cfg.model):
+        raise ConfigError("reference.mode=adapter: the reference is the policy's own base weights, so ref_model "
+                          "cannot name another model (use reference.mode=model or precomputed)")
+    return mode
+
+
+def reference_loader(cfg: Config, ref_spec: str):
+    """A function that loads the frozen reference named by ``ref_spec`` (called only when it is needed)."""
+    return functools.partial(load_reference, ref_spec, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+
+
+def precompute_reference(cfg: Config, ref_spec: str, splits: dict[str, list], tokenizer, device: torch.device,
+                         precision: str) -> dict[str, list]:
+    """``splits`` with cached reference log-probs attached (``reference.mode=precomputed``); the cache key
+    covers the reference weights, tokenizer, template, truncation settings, precision and the data."""
+    d = cfg.data
+    settings = {"max_length": d.max_length, "max_prompt_tokens": d.max_prompt_tokens,
+                "prompt_overflow": d.prompt_overflow, "append_eos": d.append_eos}
+    return precompute(splits, load_model=reference_loader(cfg, ref_spec),
+                      weights=weights_identity(ref_spec, cfg.train.seed), tokenizer=tokenizer, settings=settings,
+                      pad_id=tokenizer.pad_token_id, batch_size=cfg.train.eval_batch_size, device=device,
+                      precision=precision, root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)
+
+
+def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, splits: dict[str, list],
+                               device: torch.device, precision: str, procs: Processes | None = None
+                               ) -> tuple[torch.nn.Module, Reference | None, dict]:
+    """Load the policy (LoRA-wrapped when asked or implied) and the reference strategy. With ``precomputed``
+    the reference log-probs are computed (or read from the cache) first, and the reference model is freed
+    before the policy loads; of several processes, process 0 computes and caches them and the others then read
+    the cache (on other machines without a shared cache directory they compute their own)."""
+    procs = procs if procs is not None else Processes()
+    mode = resolve_reference_mode(cfg, loss_fn)
+    ref_spec = cfg.ref_model or cfg.model
+    load_ref = reference_loader(cfg, ref_spec)
+    if mode == "precomputed":
+        if not procs.is_main:
+            procs.barrier()  # wait for process 0's cache
+        splits = precompute_reference(cfg, ref_spec, splits, tokenizer, device, precision)
+        if procs.is_main:
+            procs.barrier()
+    policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora.enabled or mode == "adapter":
+        policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
+    policy = prepare_for_training(policy.to(device), cfg)
+    if cfg.train.compile:
+        policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
+    reference: Reference | None = {
+        "model": lambda: FrozenReference(load_ref().to(device), precision),
+        "adapter": lambda: AdapterReference(policy),
+        "precomputed": PrecomputedReference,
+        "none": lambda: None,
+    }[mode]()
+    log.info("reference: %s", mode)
+    return policy, reference, splits
