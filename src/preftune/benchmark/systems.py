@@ -14,7 +14,7 @@ a loading transient such as a reference converted to bf16 after loading in fp32;
 kept as ``peak_gpu_gb_with_load``).
 
 Systems:
-- ``preftune``: the real ``run_dpo`` (config overrides only). The final checkpoint and policy save are replaced by
+- ``preftune``: the real ``preftune dpo`` recipe (``recipes.dpo.run``) (config overrides only). The final checkpoint and policy save are replaced by
   no-ops here: they come after the timed steps and TRL runs with ``save_strategy="no"``.
 - ``trl-default``: ``DPOTrainer`` with TRL's defaults apart from the matched settings (``trl_args``).
 - ``trl-best``: the same plus TRL's fastest-looking single-device settings (``TRL_BEST``). Measured on CPU with

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data import multi
-from preftune.data.schema import FORMATS, PreferencePair, SFTExample, located, validate_pair, validate_sft
+from preftune.data.schema import (FORMATS, Comparison, PreferencePair, SFTExample, is_comparison, located,
+                                  validate_comparison, validate_pair, validate_sft)
 from preftune.errors import DataError
 
 @dataclass
@@ -203,6 +204,24 @@ def read_sft_examples(path: str | Path, *, on_invalid: str = "error",
 
 
 # ---------------------------------------------------------------- plain JSONL helpers
+
+
+def read_comparisons(path: str | Path, *, on_invalid: str = "error",
+                     limit: int | None = None) -> tuple[list[Comparison], SkipReport]:
+    """``{prompt, a, b}`` records from any supported format, validated (``on_invalid`` as for pairs)."""
+    return _read(path, lambda raw, file, line: [validate_comparison(raw, file, line)], on_invalid, limit)
+
+
+def first_record(path: str | Path) -> Any:
+    """The first raw record of a file (None when it has none), to tell what kind of file it is."""
+    for _, raw in _iter_records(path):
+        return None if isinstance(raw, DataError) else raw
+    return None
+
+
+def holds_comparisons(path: str | Path) -> bool:
+    """Whether a file holds ``{prompt, a, b}`` comparisons (else preference pairs)."""
+    return is_comparison(first_record(path))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

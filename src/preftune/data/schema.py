@@ -192,3 +192,39 @@ def review_text(prompt: str, completion: str) -> str:
     """The text a scorer sees for one generation: the full review, prompt and completion joined
     as they are (the completion carries its own leading space, as a tokenizer decodes it)."""
     return prompt + completion
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One thing to judge: is ``a`` a better continuation of ``prompt`` than ``b``? (no label)"""
+
+    prompt: str
+    a: str
+    b: str
+    source: str
+
+
+def _comparison_fields(raw: dict) -> tuple[str, str, str]:
+    out = []
+    for name in ("prompt", "a", "b"):
+        text = check_text(raw.get(name), name, is_response=name != "prompt")
+        if not isinstance(text, str):
+            raise Invalid(name, "expected a string (a judge reads plain text)")
+        out.append(text)
+    return out[0], out[1], out[2]
+
+
+def is_comparison(raw: Any) -> bool:
+    """A record with ``a`` and ``b`` (and ``prompt``) rather than ``chosen`` and ``rejected``."""
+    return isinstance(raw, dict) and "a" in raw and "b" in raw and "chosen" not in raw
+
+
+def validate_comparison(raw: dict, file: str, line: int) -> Comparison:
+    """Check one raw ``{prompt, a, b}`` record; raise :class:`DataError` naming the field."""
+    prompt, a, b = located(_comparison_fields, raw, file, line)
+    return Comparison(prompt, a, b, source=f"{file}:{line}")
+
+
+def plain_text(text: Text) -> str:
+    """A conversation as the text a judge reads (``role: content`` lines); a string as it is."""
+    return text if isinstance(text, str) else "\n".join(f"{m['role']}: {m['content']}" for m in text)

@@ -11,7 +11,7 @@ do: value-loss gradients reach the transformer. It is zero-initialised, so the f
 The value of token t is read at the state that predicted it (the same position as its log-prob).
 
 Scorers: ``sentiment`` (the ground-truth oracle: the DPO paper's "PPO-GT"), ``vader`` or ``rm:PATH`` (a learned
-reward model), or any object with ``__call__(texts) -> scores`` passed to :func:`run_ppo`.
+reward model), or any object with ``__call__(texts) -> scores`` passed to :func:`run`.
 """
 
 from __future__ import annotations

@@ -194,6 +194,7 @@ def fit(
     model.train()
     progress = _progress(cfg, step, enabled=procs.is_main)
     timer = PhaseTimer(device)
+    window.start = time.perf_counter()  # the first window's clock starts with its first step
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     save = functools.partial(_save, procs, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,

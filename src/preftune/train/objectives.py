@@ -128,6 +128,9 @@ def evaluate_examples(model, items, pad_id: int, batch_size: int, device: torch.
                       procs: Processes | None = None) -> dict[str, float]:
     """Held-out token-mean NLL and perplexity; shared out over several processes. In fp32 whatever the training
     precision, as SFT has always measured it (perplexities compare across runs of any precision)."""
+    if not items:
+        return {"loss": 0.0, "perplexity": 1.0}
+
     def forward(batch):
         nll, n_tokens = sft_forward(model, batch)
         return {"loss": (nll, n_tokens)}

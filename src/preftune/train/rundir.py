@@ -20,7 +20,9 @@ def make_run_dir(cfg: Config, command: str) -> Path:
     path = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(path)
-    save_config(cfg, path / "config.yaml", command=command)
+    # the command is recorded when the config is that command's own (the demo's DPO run saves a DemoConfig)
+    own = getattr(type(cfg), "COMMANDS", (getattr(type(cfg), "COMMAND", command),))
+    save_config(cfg, path / "config.yaml", command=command if command in own else None)
     write_env(path, cfg.train.seed)
     return path
 
