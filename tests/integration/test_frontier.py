@@ -36,7 +36,7 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
 
     # the same --out again: every finished run is reused (same settings), and the points are the same
     first = points
-    caplog.set_level("INFO", logger="preftune.recipes.frontier")
+    caplog.set_level("INFO", logger="preftune.recipes")
     assert main(args) == 0
     assert sum("reusing" in r.getMessage() for r in caplog.records) == 5  # DPO, Preferred-FT, RM, PPO, PPO-GT
     assert json.loads((out / "frontier.json").read_text())["points"] == first

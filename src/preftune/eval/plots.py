@@ -102,3 +102,35 @@ def plot_frontier(points: list[dict[str, Any]], path: Path, *, title: str = "") 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_winrate(points: list[dict[str, Any]], path: Path, *, informative: bool = True, title: str = "") -> Path:
+    """Drawn like the DPO paper's Figure 3: win rate against the dataset's chosen reply vs sampling temperature,
+    one line per method with its 95% band and a 50% line; right, the win rate along DPO's training."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    final = [p for p in points if p["step"] is None]
+    for method in dict.fromkeys(p["method"] for p in final):
+        pts = sorted((p for p in final if p["method"] == method), key=lambda p: p["temperature"])
+        t = [p["temperature"] for p in pts]
+        left.plot(t, [p["win_rate"] for p in pts], marker="o", ms=4, label=method)
+        left.fill_between(t, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], alpha=0.15)
+    curve = [p for p in points if p["step"] is not None]
+    for key in dict.fromkeys((p["method"], p["temperature"]) for p in curve):
+        pts = sorted((p for p in curve if (p["method"], p["temperature"]) == key), key=lambda p: p["step"])
+        s = [p["step"] for p in pts]
+        right.plot(s, [p["win_rate"] for p in pts], marker="o", ms=4, label=f"{key[0]}, T={key[1]:g}")
+        right.fill_between(s, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], alpha=0.15)
+    for ax, xlabel in ((left, "sampling temperature"), (right, "DPO training step")):
+        ax.axhline(0.5, color="gray", lw=1, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("win rate vs chosen")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    note = "" if informative else "  [UNINFORMATIVE: the judge does not beat always-longer]"
+    fig.suptitle((title or "win rate vs chosen") + note, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

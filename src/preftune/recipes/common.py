@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from preftune.config import load_config
 from preftune.errors import ConfigError
 
+log = logging.getLogger(__name__)
 FORMATTER = argparse.RawDescriptionHelpFormatter
 RESUME_RULE = ("--resume RUN_DIR continues the run in RUN_DIR from its last checkpoint, with the config saved there\n"
                "(RUN_DIR/config.yaml); key=value overrides still apply, a YAML file is refused.")
@@ -106,3 +109,26 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
     procs.barrier()
     if procs.is_main and cfg.run.plot:
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind=kind)
+
+
+def reused_or_run(run_dir: Path, key: dict, run):
+    """A run's result (its points), reused from ``RUN/result.json`` when it was written under the same ``key``, so
+    that an interrupted or re-tuned experiment (frontier, winrate) in the same ``--out`` repeats only what changed; otherwise the run
+    starts from scratch in an emptied ``run_dir``."""
+    from preftune.train.rundir import atomic_write_text
+
+    cache = run_dir / "result.json"
+    key = json.loads(json.dumps(key))  # as it reads back
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            log.info("reusing %s (finished under the same settings)", run_dir)
+            return saved["result"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result = run()
+    # evaluated: the checkpoints (weights + optimizer state, ~1 GB each on SmolLM2, several per run) would fill
+    # a disk over a whole frontier; each run's final policy/ stays for inspection
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
+    return result

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, load_config
 from preftune.eval.sentiment_task import DemoSettings
-from preftune.recipes.common import register_experiment
+from preftune.recipes.common import register_experiment, reused_or_run
 
 log = logging.getLogger(__name__)
 
@@ -144,29 +143,6 @@ def _train_without(cfg, overrides: list[str]) -> dict:
     return {k: v for k, v in _changed(cfg.train, TrainConfig()).items() if k not in replaced}
 
 
-def _reused_or_run(run_dir: Path, key: dict, run):
-    """A run's result (its points), reused from ``RUN/result.json`` when it was written under the same ``key``, so
-    that an interrupted or re-tuned frontier in the same ``--out`` repeats only what changed; otherwise the run
-    starts from scratch in an emptied ``run_dir``."""
-    from preftune.train.rundir import atomic_write_text
-
-    cache = run_dir / "result.json"
-    key = json.loads(json.dumps(key))  # as it reads back
-    if cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            log.info("reusing %s (finished under the same settings)", run_dir)
-            return saved["result"]
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    result = run()
-    # evaluated: the checkpoints (weights + optimizer state, ~1 GB each on SmolLM2, several per run) would fill
-    # a disk over a whole frontier; each run's final policy/ stays for inspection
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
-    return result
-
-
 def _best_of_n(held, rm, ns: list[int]) -> list[dict]:
     """Best-of-N from the reference scored by the learned RM; disjoint groups of the n_max samples per prompt."""
     from preftune.eval.heldout import full_text, mean_ci
@@ -213,7 +189,7 @@ class _Frontier:
             run(_sub_config(self.cfg, run_dir, self.data + overrides, base))
             return _checkpoint_points(method, setting, run_dir, self.held, self.cfg.model, self.cfg.train.seed)
 
-        return _reused_or_run(run_dir, {**self.common, **key}, train)
+        return reused_or_run(run_dir, {**self.common, **key}, train)
 
     def reward_model(self) -> tuple[dict, dict]:
         """The learned reward model PPO optimises and best-of-N selects with: (its run's result, its reuse key)."""
@@ -227,7 +203,7 @@ class _Frontier:
                                  "train.layout=padded"]
         # keyed on what the reward run reads: its own overrides replace those train.* keys (train.lr, ...)
         key = {**self.common, "train": _train_without(self.cfg, overrides), "steps": self.f.reward_steps}
-        result = _reused_or_run(rm_dir, key, lambda: run_reward(_sub_config(self.cfg, rm_dir, overrides,
+        result = reused_or_run(rm_dir, key, lambda: run_reward(_sub_config(self.cfg, rm_dir, overrides,
                                                                             RewardRunConfig())))
         return result, key
 
@@ -263,7 +239,7 @@ class _Frontier:
                "num_threads": cfg.train.num_threads, "iterations": iterations,
                **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr")},
                "kl_coef": coef, "scorer": scorer_key}
-        return _reused_or_run(run_dir, key, train)
+        return reused_or_run(run_dir, key, train)
 
 
 def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:

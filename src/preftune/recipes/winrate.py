@@ -1,0 +1,318 @@
+"""``preftune winrate``: the DPO paper's second experiment (Fig. 3) on single-turn Anthropic HH dialogue: every
+method's replies to held-out test prompts, judged against the dataset's chosen reply, across sampling temperatures.
+
+1. A seeded split by prompt (``eval/hh_task.py``): training pairs, judge-validation pairs (human labelled, never
+   trained on: the judge's card), single-turn test prompts. Sizes are printed and recorded.
+2. Preferred-FT (SFT on the chosen replies) is the reference every other method starts from; DPO at each
+   ``winrate.dpo_betas`` from it, with checkpoints along training (win rate over training at
+   ``winrate.curve_temperatures``); best-of-N from Preferred-FT ranked by a reward model (the *policy* RM);
+   the base model prompted with 2 training dialogues (the paper's 2-shot baseline).
+3. One seeded reply per test prompt per temperature (0 is greedy), cut at the next turn marker.
+4. A judge (``judge.spec``; by default a reward model trained here on the half of the training pairs the policy RM
+   never saw, so the judge is not the model best-of-N optimises) compares each reply with the chosen one, in both
+   orders; its card on the judge-validation pairs is written beside the win rates, and a judge that does not beat
+   always-longer marks every curve *uninformative*.
+
+Not yet here: PPO with the learned reward model (the paper's PPO arm); see NOTES.md.
+Writes ``winrate.json``, ``judge_card.json``, ``comparisons.jsonl``, ``judgments.jsonl`` (the judgment cache),
+``winrate.png`` and ``splits.json``; re-running into the same ``--out`` reuses every finished run and judgment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from preftune.config import Config, DataConfig, TrainConfig, config_help
+from preftune.eval.judges import JudgeSettings
+from preftune.recipes.common import register_experiment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WinrateSettings:
+    data: str | None = None  # HH pairs (default: <shared data>/hh/harmless-base-test.jsonl.gz)
+    test_prompts: int = 128  # single-turn prompts never trained on
+    judge_val_pairs: int = 200  # human-labelled pairs never trained on, for the judge card
+    dpo_betas: str = "0.1,0.5"  # comma-separated; one DPO run each
+    temperatures: str = "0,0.25,0.5,0.75,1.0"  # 0: greedy
+    curve_temperatures: str = "0.25,1.0"  # win rate over DPO's training at these
+    eval_points: int = 3  # DPO checkpoints judged along training (plus the end)
+    best_of_n: int = 8  # samples per test prompt that the policy reward model ranks
+    two_shot: bool = True  # the base model prompted with 2 training dialogues
+    sft_steps: int = 200
+    dpo_steps: int = 200
+    reward_steps: int = 200
+    max_new_tokens: int = 96
+    generation_batch_size: int = 32
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(batch_size=8, lr=1e-5, optimizer="rmsprop", log_every=10, keep_checkpoints=100,
+                       progress=False)
+
+
+@dataclass
+class WinrateConfig(Config):
+    """``preftune winrate``'s config: the preference-training config its runs share, ``winrate:`` and ``judge:``."""
+
+    COMMANDS: ClassVar[tuple[str, ...]] = ("winrate",)
+
+    winrate: WinrateSettings = field(default_factory=WinrateSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256, max_prompt_tokens=128))
+    train: TrainConfig = field(default_factory=_train_defaults)
+
+
+def quick_defaults(cfg: WinrateConfig) -> WinrateConfig:
+    """``--quick``: a smoke run of every stage (the suite runs it on ``tiny``)."""
+    w = cfg.winrate
+    w.test_prompts, w.judge_val_pairs, w.dpo_betas, w.temperatures, w.curve_temperatures = 8, 8, "0.1", "0,1.0", "1.0"
+    w.eval_points, w.best_of_n, w.sft_steps, w.dpo_steps, w.reward_steps, w.max_new_tokens = 1, 2, 4, 4, 4, 12
+    return cfg
+
+
+def register(sub) -> None:
+    register_experiment(
+        sub, "winrate", help="win rates against HH's chosen replies across temperatures, judged (the paper's Fig. 3)",
+        description=__doc__.split("\n", 2)[2], epilog=config_help(WinrateConfig), config=WinrateConfig,
+        quick=quick_defaults, run=run, quick_help="a smoke run of every stage (tiny budgets)",
+        out_help="output directory (default runs/winrate-<time>)")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+class _Experiment:
+    """The output root, the config, the split and the sampling every method shares."""
+
+    def __init__(self, cfg: WinrateConfig, root: Path, split, tokenizer):
+        self.cfg, self.w, self.root, self.split, self.tokenizer = cfg, cfg.winrate, root, split, tokenizer
+        self.prompts = [p for p, _ in split.test]
+        self.common = {"model": cfg.model, "data": str(self.w.data), "splits": split.sizes(), "seed": cfg.train.seed,
+                       "max_new_tokens": self.w.max_new_tokens, "temperatures": self.w.temperatures}
+
+    def replies(self, model, temperature: float, prompts: list[str] | None = None, n: int = 1) -> list[str]:
+        """``n`` seeded replies per test prompt (prompt-major), cut at the next turn."""
+        from preftune.eval.hh_task import clean_reply
+        from preftune.eval.sampling import generate
+
+        samples = generate(model, self.tokenizer, prompts or self.prompts, num_samples=n, temperature=temperature,
+                           max_new_tokens=self.w.max_new_tokens, batch_size=self.w.generation_batch_size,
+                           seed=self.cfg.train.seed + 7)
+        return [clean_reply(s.completion) for s in samples]
+
+    def all_temperatures(self, model, prompts: list[str] | None = None) -> dict[str, list[str]]:
+        return {str(t): self.replies(model, t, prompts) for t in _floats(self.w.temperatures)}
+
+    def train_run(self, name: str, run, base, overrides: list[str], key: dict, after=None) -> dict:
+        """A training run (reused when finished under the same settings); ``after(run_dir)`` samples from it
+        before its checkpoints are dropped."""
+        from preftune.recipes.common import reused_or_run
+        from preftune.recipes.frontier import _sub_config
+
+        run_dir = self.root / "runs" / name
+
+        def train():
+            result = run(_sub_config(self.cfg, run_dir, overrides, base))
+            return {"result": result, **(after(run_dir) if after else {})}
+
+        return reused_or_run(run_dir, {**self.common, **key}, train)
+
+
+def _dpo_samples(exp: _Experiment, sft_policy: str):
+    """The DPO arm's replies: at every temperature from the final policy, and at ``curve_temperatures`` from each
+    checkpoint along training."""
+    def after(run_dir: Path) -> dict:
+        from safetensors.torch import load_file
+
+        from preftune.models.load import load_causal_lm
+
+        final = load_causal_lm(str(run_dir / "policy"))
+        curve = {}
+        for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+            model = load_causal_lm(sft_policy)
+            model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+            curve[str(int(ckpt.name.split("-")[1]))] = {str(t): exp.replies(model, t)
+                                                        for t in _floats(exp.w.curve_temperatures)}
+        return {"samples": exp.all_temperatures(final), "curve": curve}
+
+    return after
+
+
+def _best_of_n(exp: _Experiment, sft_policy: str, rm_path: str) -> dict[str, list[str]]:
+    """Best-of-N from Preferred-FT: N replies per prompt at each temperature (greedy: one), the policy RM's pick."""
+    from preftune.models.load import load_causal_lm
+    from preftune.models.reward_model import RewardModel
+
+    model, rm = load_causal_lm(sft_policy), RewardModel.load(rm_path)
+    out = {}
+    for t in _floats(exp.w.temperatures):
+        n = 1 if t == 0 else exp.w.best_of_n
+        replies = exp.replies(model, t, n=n)
+        scores = rm.score_texts([prompt + reply for k, prompt in enumerate(exp.prompts)
+                                 for reply in replies[k * n:(k + 1) * n]], normalized=False)
+        out[str(t)] = [replies[k * n + max(range(n), key=lambda j, k=k: scores[k * n + j])]
+                       for k in range(len(exp.prompts))]
+    return out
+
+
+def _two_shot(exp: _Experiment) -> dict[str, list[str]]:
+    """The base model, prompted with two training dialogues before each test prompt."""
+    from preftune.eval.hh_task import two_shot_prompt
+    from preftune.models.load import load_causal_lm
+
+    examples = [p for p in exp.split.train if p.prompt.count("\n\nHuman:") == 1][:2] or exp.split.train[:2]
+    model = load_causal_lm(exp.cfg.model, seed=exp.cfg.train.seed)
+    return exp.all_temperatures(model, [two_shot_prompt(examples, p) for p in exp.prompts])
+
+
+def _points(exp: _Experiment, judge, cache, methods: dict[str, dict[str, list[str]]], step: int | None = None
+            ) -> tuple[list[dict], list[dict]]:
+    """Win rates against the chosen replies: one point per (method, temperature), and every comparison's row."""
+    from preftune.eval.judges import judge_both_orders
+    from preftune.eval.judging import length_controlled_win_rate, swap_average, win_rate
+
+    points, rows = [], []
+    chosen = [c for _, c in exp.split.test]
+    for method, by_temperature in methods.items():
+        for temperature, replies in by_temperature.items():
+            items = [(p, r or " ", c) for p, r, c in zip(exp.prompts, replies, chosen)]
+            orders = judge_both_orders(judge, cache, items)
+            combined = [swap_average(a, b, judge.mode) for a, b in orders]
+            lengths = [len(r.split()) for _, r, _ in items], [len(c.split()) for c in chosen]
+            rate = win_rate(combined)
+            points.append({"method": method, "temperature": float(temperature), "step": step, **rate.as_dict(),
+                           "length_controlled_win_rate": length_controlled_win_rate(combined, *lengths),
+                           "mean_length": sum(lengths[0]) / len(lengths[0])})
+            rows += [{"method": method, "temperature": float(temperature), "step": step, "prompt": p, "reply": r,
+                      "chosen": c, "p_reply_first": a, "p_reply_second": b, "p": pc}
+                     for (p, r, c), (a, b), pc in zip(items, orders, combined)]
+    return points, rows
+
+
+def _splits(cfg: WinrateConfig, root: Path):
+    from preftune.data.records import read_preference_pairs, write_jsonl
+    from preftune.errors import InputError
+    from preftune.eval.hh_task import split_by_prompt
+    from preftune.paths import shared_data_dir
+
+    w = cfg.winrate
+    w.data = w.data or str(shared_data_dir() / "hh" / "harmless-base-test.jsonl.gz")
+    if not Path(w.data).exists():
+        raise InputError(f"winrate.data: {w.data} not found (the Anthropic HH pairs; set winrate.data=PATH)")
+    pairs, report = read_preference_pairs(w.data, on_invalid="skip")
+    if report.skipped:
+        log.warning("%s: %s", w.data, report.summary())
+    split = split_by_prompt(pairs, test_prompts=w.test_prompts, judge_val_pairs=w.judge_val_pairs,
+                            seed=cfg.train.seed)
+    half = len(split.train) // 2
+    for name, rows in (("train", split.train), ("train-judge-rm", split.train[:half]),
+                       ("train-policy-rm", split.train[half:]), ("judge_val", split.judge_val)):
+        write_jsonl(root / f"{name}.jsonl", ({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+                                             for p in rows))
+    write_jsonl(root / "test_prompts.jsonl", ({"prompt": p, "chosen": c} for p, c in split.test))
+    sizes = {**split.sizes(), "skipped": report.skipped, "judge_rm_pairs": half,
+             "policy_rm_pairs": len(split.train) - half}
+    (root / "splits.json").write_text(json.dumps(sizes, indent=2), encoding="utf-8")
+    log.info("HH splits: %s", sizes)
+    return split, sizes
+
+
+def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
+    """Every stage of the module docstring; returns winrate.json's content."""
+    from preftune.data.records import write_jsonl
+    from preftune.eval.judges import JudgmentCache, build_judge
+    from preftune.eval.plots import plot_winrate
+    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.recipes.dpo import run as run_dpo
+    from preftune.recipes.reward import RewardRunConfig, run as run_reward
+    from preftune.recipes.sft import SFTRunConfig, run as run_sft
+    from preftune.train.runtime import setup_threads
+
+    w = cfg.winrate
+    root = Path(out or cfg.run.dir or f"runs/winrate-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.mkdir(parents=True, exist_ok=True)
+    setup_threads(cfg)
+    t0 = time.perf_counter()
+    split, sizes = _splits(cfg, root)
+    exp = _Experiment(cfg, root, split, load_tokenizer(cfg.model))
+    train = [f"data.train={root / 'train.jsonl'}"]
+    sft = exp.train_run("preferred-ft", run_sft, SFTRunConfig(), train + [f"train.max_steps={w.sft_steps}"],
+                        {"steps": w.sft_steps}, after=lambda d: {"samples": exp.all_temperatures(
+                            load_causal_lm(str(d / "policy")))})
+    sft_policy = sft["result"]["run_dir"] + "/policy"
+    methods = {"Preferred-FT": sft["samples"]}
+    curves = {}
+    for beta in _floats(w.dpo_betas):
+        every = max(1, w.dpo_steps // max(1, w.eval_points))
+        dpo = exp.train_run(f"dpo-beta{beta}", run_dpo, Config(),
+                            train + [f"model={sft_policy}", f"ref_model={sft_policy}", f"dpo.beta={beta}",
+                                     f"train.max_steps={w.dpo_steps}", f"train.save_every={every}"],
+                            {"beta": beta, "steps": w.dpo_steps, "sft": w.sft_steps, "every": every},
+                            after=_dpo_samples(exp, sft_policy))
+        methods[f"DPO beta={beta}"] = dpo["samples"]
+        curves[f"DPO beta={beta}"] = dpo["curve"]
+    rm_overrides = ["train.optimizer=adamw", f"train.max_steps={w.reward_steps}", "train.lr=5e-5",
+                    "train.layout=padded", "data.eval_fraction=0.1"]
+    policy_rm = exp.train_run("policy-rm", run_reward, RewardRunConfig(),
+                              [f"data.train={root / 'train-policy-rm.jsonl'}", *rm_overrides],
+                              {"rm": "policy", "steps": w.reward_steps})
+    methods[f"best-of-{w.best_of_n}"] = _best_of_n(exp, sft_policy, policy_rm["result"]["reward_model"])
+    if w.two_shot:
+        methods["2-shot base"] = _two_shot(exp)
+    if not cfg.judge.spec:  # the judge: a reward model on the other half of the training pairs
+        judge_rm = exp.train_run("judge-rm", run_reward, RewardRunConfig(),
+                                 [f"data.train={root / 'train-judge-rm.jsonl'}", *rm_overrides],
+                                 {"rm": "judge", "steps": w.reward_steps})
+        cfg.judge.spec = f"rm:{judge_rm['result']['reward_model']}"
+    judge, cache = build_judge(cfg.judge), JudgmentCache(root / "judgments.jsonl")
+    card = _judge_card(judge, cache, split.judge_val, cfg.train.seed)
+    points, rows = _points(exp, judge, cache, methods)
+    for method, curve in curves.items():
+        for step, by_temperature in curve.items():
+            more, more_rows = _points(exp, judge, cache, {method: by_temperature}, step=int(step))
+            points, rows = points + more, rows + more_rows
+    write_jsonl(root / "comparisons.jsonl", rows)
+    result = {"points": points, "judge": judge.name, "judge_card": card, "informative": card["informative"],
+              "judge_disjoint_from_policy_rm": True, "splits": sizes,
+              "budget": {"sft_steps": w.sft_steps, "dpo_steps": w.dpo_steps, "reward_steps": w.reward_steps,
+                         "best_of_n": w.best_of_n, "test_prompts": len(exp.prompts)},
+              "model": cfg.model, "minutes": (time.perf_counter() - t0) / 60}
+    (root / "judge_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    (root / "winrate.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    plot_winrate(points, root / "winrate.png", informative=card["informative"],
+                 title=f"{cfg.model}: win rate vs HH chosen, judge {judge.name.split('#')[0][-40:]}")
+    print(format_points(points, card))
+    return result
+
+
+def _judge_card(judge, cache, pairs: list, seed: int) -> dict:
+    from preftune.eval.judges import judge_both_orders
+    from preftune.eval.judging import judge_card
+
+    orders = judge_both_orders(judge, cache, [(p.prompt, p.chosen, p.rejected) for p in pairs])
+    return judge_card([a for a, _ in orders], [b for _, b in orders], [len(p.chosen.split()) for p in pairs],
+                      [len(p.rejected.split()) for p in pairs], judge.mode, seed)
+
+
+def format_points(points: list[dict], card: dict) -> str:
+    lines = [f"{'method':18}{'T':>6}{'step':>6}{'win rate':>10}{'95% interval':>18}{'LC':>7}{'ties':>6}{'fails':>6}"]
+    for p in points:
+        lines.append(f"{p['method']:18}{p['temperature']:>6.2f}{p['step'] if p['step'] is not None else '-':>6}"
+                     f"{p['win_rate']:>10.3f}   [{p['ci_low']:.3f}, {p['ci_high']:.3f}]"
+                     f"{p['length_controlled_win_rate']:>7.3f}{p['ties']:>6}{p['fails']:>6}")
+    verdict = "informative" if card["informative"] else "UNINFORMATIVE (does not beat always-longer)"
+    lines.append(f"judge accuracy on held-out human labels {card['accuracy']:.3f} (always-longer "
+                 f"{card['baseline_always_longer']:.3f}, kappa {card['kappa']:.2f}, swap consistency "
+                 f"{card['swap_consistency']:.2f}): {verdict}")
+    return "\n".join(lines)
+
+
+CONFIG = WinrateConfig  # this command's config (configs/*.yaml that name `command: winrate` parse with it)
