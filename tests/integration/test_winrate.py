@@ -53,12 +53,13 @@ def test_winrate_quick_end_to_end_on_tiny(tmp_path, capsys):
     result = json.loads((out / "winrate.json").read_text())
     final = [p for p in result["points"] if p["step"] is None]
     methods = {p["method"] for p in final}
-    assert methods == {"Preferred-FT", "DPO beta=0.1", "best-of-2", "2-shot base"}
+    assert methods == {"Preferred-FT", "DPO beta=0.1", "best-of-2", "PPO", "2-shot base"}
     assert {p["temperature"] for p in final} == {0.0, 1.0}
     for p in result["points"]:
         assert p["n"] == 4 and p["wins"] + p["ties"] + p["fails"] <= 4
         assert p["ci_low"] <= p["win_rate"] <= p["ci_high"] and "length_controlled_win_rate" in p
-    assert [p["step"] for p in result["points"] if p["step"] is not None]  # DPO along training
+    along = {(p["method"], p["step"]) for p in result["points"] if p["step"] is not None}  # along training
+    assert {m for m, _ in along} == {"DPO beta=0.1", "PPO"} and ("PPO", 2) in along
     card = json.loads((out / "judge_card.json").read_text())
     assert card["pairs"] >= 4 and "informative" in card and result["informative"] == card["informative"]
     assert result["judge"].startswith("rm:") and "judge-rm" in result["judge"]

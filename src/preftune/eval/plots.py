@@ -120,7 +120,7 @@ def plot_winrate(points: list[dict[str, Any]], path: Path, *, informative: bool 
         s = [p["step"] for p in pts]
         right.plot(s, [p["win_rate"] for p in pts], marker="o", ms=4, label=f"{key[0]}, T={key[1]:g}")
         right.fill_between(s, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], alpha=0.15)
-    for ax, xlabel in ((left, "sampling temperature"), (right, "DPO training step")):
+    for ax, xlabel in ((left, "sampling temperature"), (right, "training step (DPO) / iteration (PPO)")):
         ax.axhline(0.5, color="gray", lw=1, ls="--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("win rate vs chosen")

@@ -13,7 +13,7 @@ method's replies to held-out test prompts, judged against the dataset's chosen r
    orders; its card on the judge-validation pairs is written beside the win rates, and a judge that does not beat
    always-longer marks every curve *uninformative*.
 
-Not yet here: PPO with the learned reward model (the paper's PPO arm); see NOTES.md.
+PPO runs against the policy reward model from Preferred-FT, judged along its iterations like DPO.
 Writes ``winrate.json``, ``judge_card.json``, ``comparisons.jsonl``, ``judgments.jsonl`` (the judgment cache),
 ``winrate.png`` and ``splits.json``; re-running into the same ``--out`` reuses every finished run and judgment.
 """
@@ -45,6 +45,9 @@ class WinrateSettings:
     eval_points: int = 3  # DPO checkpoints judged along training (plus the end)
     best_of_n: int = 8  # samples per test prompt that the policy reward model ranks
     two_shot: bool = True  # the base model prompted with 2 training dialogues
+    ppo_iterations: int = 12  # PPO against the policy reward model, from Preferred-FT (0: no PPO arm)
+    ppo_batch_size: int = 16  # prompts per PPO iteration (single-turn training prompts)
+    ppo_kl_coef: float = 0.05
     sft_steps: int = 200
     dpo_steps: int = 200
     reward_steps: int = 200
@@ -74,6 +77,7 @@ def quick_defaults(cfg: WinrateConfig) -> WinrateConfig:
     w = cfg.winrate
     w.test_prompts, w.judge_val_pairs, w.dpo_betas, w.temperatures, w.curve_temperatures = 8, 8, "0.1", "0,1.0", "1.0"
     w.eval_points, w.best_of_n, w.sft_steps, w.dpo_steps, w.reward_steps, w.max_new_tokens = 1, 2, 4, 4, 4, 12
+    w.ppo_iterations, w.ppo_batch_size = 2, 4
     return cfg
 
 
@@ -161,6 +165,38 @@ def _best_of_n(exp: _Experiment, sft_policy: str, rm_path: str) -> dict[str, lis
         out[str(t)] = [replies[k * n + max(range(n), key=lambda j, k=k: scores[k * n + j])]
                        for k in range(len(exp.prompts))]
     return out
+
+
+def _ppo(exp: _Experiment, sft_policy: str, rm_path: str) -> dict:
+    """The PPO arm: Preferred-FT optimised against the policy reward model on the single-turn training prompts
+    (the reference is Preferred-FT too), replies sampled along its iterations and from the final policy."""
+    from preftune.eval.hh_task import is_single_turn
+    from preftune.models.load import load_causal_lm
+    from preftune.recipes.common import reused_or_run
+    from preftune.recipes.frontier import _sub_config
+    from preftune.recipes.ppo import PPORunConfig, run as run_ppo
+
+    w, run_dir = exp.w, exp.root / "runs" / "ppo"
+    prompts = list(dict.fromkeys(p.prompt for p in exp.split.train if is_single_turn(p.prompt)))
+    settings = {"iterations": w.ppo_iterations, "batch_size": w.ppo_batch_size, "kl_coef": w.ppo_kl_coef}
+    overrides = [f"model={sft_policy}", f"ref_model={sft_policy}", f"ppo.scorer=rm:{rm_path}",
+                 f"ppo.iterations={w.ppo_iterations}", f"ppo.batch_size={w.ppo_batch_size}",
+                 f"ppo.minibatch_size={max(1, w.ppo_batch_size // 2)}", f"ppo.kl_coef={w.ppo_kl_coef}",
+                 f"ppo.max_new_tokens={w.max_new_tokens}", f"ppo.generation_batch_size={w.generation_batch_size}",
+                 f"ppo.eval_every={max(1, w.ppo_iterations // max(1, w.eval_points))}",
+                 f"train.seed={exp.cfg.train.seed}", "train.progress=false"]
+
+    def train():
+        curve: dict[str, dict[str, list[str]]] = {}
+
+        def hook(policy, step):
+            curve[str(step)] = {str(t): exp.replies(policy, t) for t in _floats(w.curve_temperatures)}
+
+        result = run_ppo(_sub_config(exp.cfg, run_dir, overrides, PPORunConfig()), eval_hook=hook, prompts=prompts)
+        return {"result": result, "samples": exp.all_temperatures(load_causal_lm(str(run_dir / "policy"))),
+                "curve": curve}
+
+    return reused_or_run(run_dir, {**exp.common, "ppo": settings, "sft": w.sft_steps, "rm": w.reward_steps}, train)
 
 
 def _two_shot(exp: _Experiment) -> dict[str, list[str]]:
@@ -265,6 +301,9 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
                               [f"data.train={root / 'train-policy-rm.jsonl'}", *rm_overrides],
                               {"rm": "policy", "steps": w.reward_steps})
     methods[f"best-of-{w.best_of_n}"] = _best_of_n(exp, sft_policy, policy_rm["result"]["reward_model"])
+    if w.ppo_iterations:
+        ppo = _ppo(exp, sft_policy, policy_rm["result"]["reward_model"])
+        methods["PPO"], curves["PPO"] = ppo["samples"], ppo["curve"]
     if w.two_shot:
         methods["2-shot base"] = _two_shot(exp)
     if not cfg.judge.spec:  # the judge: a reward model on the other half of the training pairs
@@ -283,7 +322,8 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     result = {"points": points, "judge": judge.name, "judge_card": card, "informative": card["informative"],
               "judge_disjoint_from_policy_rm": True, "splits": sizes,
               "budget": {"sft_steps": w.sft_steps, "dpo_steps": w.dpo_steps, "reward_steps": w.reward_steps,
-                         "best_of_n": w.best_of_n, "test_prompts": len(exp.prompts)},
+                         "best_of_n": w.best_of_n, "test_prompts": len(exp.prompts),
+                         "ppo_samples": w.ppo_iterations * w.ppo_batch_size},
               "model": cfg.model, "minutes": (time.perf_counter() - t0) / 60}
     (root / "judge_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
     (root / "winrate.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
