@@ -37,21 +37,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class WinrateSettings:
     data: str | None = None  # HH pairs (default: <shared data>/hh/harmless-base-test.jsonl.gz)
-    test_prompts: int = 128  # single-turn prompts never trained on
+    test_prompts: int = 96  # single-turn prompts never trained on
     judge_val_pairs: int = 200  # human-labelled pairs never trained on, for the judge card
     dpo_betas: str = "0.1,0.5"  # comma-separated; one DPO run each
     temperatures: str = "0,0.25,0.5,0.75,1.0"  # 0: greedy
     curve_temperatures: str = "0.25,1.0"  # win rate over DPO's training at these
     eval_points: int = 3  # DPO checkpoints judged along training (plus the end)
-    best_of_n: int = 8  # samples per test prompt that the policy reward model ranks
+    best_of_n: int = 4  # samples per test prompt that the policy reward model ranks
     two_shot: bool = True  # the base model prompted with 2 training dialogues
-    ppo_iterations: int = 12  # PPO against the policy reward model, from Preferred-FT (0: no PPO arm)
+    ppo_iterations: int = 6  # PPO against the policy reward model, from Preferred-FT (0: no PPO arm)
     ppo_batch_size: int = 16  # prompts per PPO iteration (single-turn training prompts)
     ppo_kl_coef: float = 0.05
-    sft_steps: int = 200
-    dpo_steps: int = 200
-    reward_steps: int = 200
-    max_new_tokens: int = 96
+    sft_steps: int = 100
+    dpo_steps: int = 100
+    reward_steps: int = 100
+    max_new_tokens: int = 64
     generation_batch_size: int = 32
 
 
@@ -68,7 +68,7 @@ class WinrateConfig(Config):
 
     winrate: WinrateSettings = field(default_factory=WinrateSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256, max_prompt_tokens=128))
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=192, max_prompt_tokens=128))
     train: TrainConfig = field(default_factory=_train_defaults)
 
 
