@@ -295,8 +295,10 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
                             after=_dpo_samples(exp, sft_policy))
         methods[f"DPO beta={beta}"] = dpo["samples"]
         curves[f"DPO beta={beta}"] = dpo["curve"]
+    # raw scores are all a judge or a best-of-N pick reads: no normalisation pass over every training response
+    # (10 minutes per reward model on SmolLM2 here)
     rm_overrides = ["train.optimizer=adamw", f"train.max_steps={w.reward_steps}", "train.lr=5e-5",
-                    "train.layout=padded", "data.eval_fraction=0.1"]
+                    "train.layout=padded", "data.eval_fraction=0.1", "reward.normalize=false"]
     policy_rm = exp.train_run("policy-rm", run_reward, RewardRunConfig(),
                               [f"data.train={root / 'train-policy-rm.jsonl'}", *rm_overrides],
                               {"rm": "policy", "steps": w.reward_steps})
