@@ -129,6 +129,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.layout": ("auto", "padded", "prefix_shared", "packed"),
     "reference.mode": ("model", "adapter", "precomputed", "none"),
+    "judge.mode": ("logprobs", "text"),  # the judge section of preftune judge / winrate (eval/judges.py)
 }
 
 

@@ -49,13 +49,10 @@ class JudgeSettings:
     top_logprobs: int = 20  # logprobs mode: how many alternatives the endpoint returns
 
 
-_CHOICES = {"mode": ("logprobs", "text")}
-
-
 def check_judge_settings(s: JudgeSettings) -> None:
     if not s.spec:
         raise ConfigError("config key 'judge.spec' is not set: rm:PATH or an endpoint URL (http://HOST:PORT/v1)")
-    if s.mode not in _CHOICES["mode"]:
+    if s.mode not in ("logprobs", "text"):  # a config's judge section is checked by load_config already
         raise ConfigError(f"config key 'judge.mode': {s.mode!r} is not one of logprobs, text")
     if not (s.spec.startswith(("rm:", "http://", "https://"))):
         raise ConfigError(f"config key 'judge.spec': {s.spec!r} is neither rm:PATH nor an http(s):// endpoint URL")

@@ -115,16 +115,12 @@ def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base) 
 
 def _checkpoint_points(method: str, setting: str, run_dir: Path, held, spec: str, seed: int) -> list[dict]:
     """Evaluate every checkpoint a supervised run (DPO, Preferred-FT) left along its training."""
-    from safetensors.torch import load_file
-
     from preftune.eval.heldout import evaluate_policy
-    from preftune.models.load import load_causal_lm
+    from preftune.train.checkpoint import policies_along_training
 
     points = []
-    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
-        policy = load_causal_lm(spec, seed=seed)
-        policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-        points.append(_point(method, setting, int(ckpt.name.split("-")[1]), evaluate_policy(policy, held)))
+    for step, policy in policies_along_training(run_dir, spec, seed=seed):
+        points.append(_point(method, setting, step, evaluate_policy(policy, held)))
         log.info("%s %s step %s: reward %.3f kl %.2f", method, setting, points[-1]["step"], points[-1]["reward"],
                  points[-1]["kl"])
     return points

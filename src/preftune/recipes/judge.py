@@ -74,7 +74,8 @@ def _read(cfg: JudgeRunConfig, path: str) -> tuple[list[tuple[str, str, str]], b
     from preftune.data.schema import plain_text
     from preftune.errors import InputError
 
-    if holds_comparisons(path):
+    unlabelled = holds_comparisons(path)
+    if unlabelled:
         records, report = read_comparisons(path, on_invalid=cfg.on_invalid, limit=cfg.limit)
         items = [(r.prompt, r.a, r.b) for r in records]
     else:
@@ -84,7 +85,7 @@ def _read(cfg: JudgeRunConfig, path: str) -> tuple[list[tuple[str, str, str]], b
         log.warning("%s: %s", path, report.summary())
     if not items:
         raise InputError(f"{path}: no records to judge")
-    return items, not holds_comparisons(path), [r.source for r in records], report.skipped
+    return items, not unlabelled, [r.source for r in records], report.skipped
 
 
 def run(cfg: JudgeRunConfig, path: str) -> dict:

@@ -134,17 +134,12 @@ def _dpo_samples(exp: _Experiment, sft_policy: str):
     """The DPO arm's replies: at every temperature from the final policy, and at ``curve_temperatures`` from each
     checkpoint along training."""
     def after(run_dir: Path) -> dict:
-        from safetensors.torch import load_file
-
         from preftune.models.load import load_causal_lm
+        from preftune.train.checkpoint import policies_along_training
 
         final = load_causal_lm(str(run_dir / "policy"))
-        curve = {}
-        for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
-            model = load_causal_lm(sft_policy)
-            model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-            curve[str(int(ckpt.name.split("-")[1]))] = {str(t): exp.replies(model, t)
-                                                        for t in _floats(exp.w.curve_temperatures)}
+        curve = {str(step): {str(t): exp.replies(model, t) for t in _floats(exp.w.curve_temperatures)}
+                 for step, model in policies_along_training(run_dir, sft_policy)}
         return {"samples": exp.all_temperatures(final), "curve": curve}
 
     return after

@@ -119,3 +119,16 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+def policies_along_training(run_dir: Path, spec: str, *, seed: int = 0):
+    """(step, policy) for every checkpoint a run kept, oldest first: the model ``spec`` rebuilt and the
+    checkpoint's weights loaded over it (not strict: a LoRA run's checkpoint holds only the adapter)."""
+    from safetensors.torch import load_file
+
+    from preftune.models.load import load_causal_lm
+
+    for ckpt in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
+        policy = load_causal_lm(spec, seed=seed)
+        policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        yield int(ckpt.name.split("-")[1]), policy
