@@ -42,15 +42,15 @@ class WinrateSettings:
     dpo_betas: str = "0.1,0.5"  # comma-separated; one DPO run each
     temperatures: str = "0,0.25,0.5,0.75,1.0"  # 0: greedy
     curve_temperatures: str = "0.25,1.0"  # win rate over DPO's training at these
-    eval_points: int = 3  # DPO checkpoints judged along training (plus the end)
+    eval_points: int = 2  # DPO checkpoints judged along training (plus the end)
     best_of_n: int = 4  # samples per test prompt that the policy reward model ranks
     two_shot: bool = True  # the base model prompted with 2 training dialogues
     ppo_iterations: int = 6  # PPO against the policy reward model, from Preferred-FT (0: no PPO arm)
     ppo_batch_size: int = 16  # prompts per PPO iteration (single-turn training prompts)
     ppo_kl_coef: float = 0.05
     sft_steps: int = 100
-    dpo_steps: int = 100
-    reward_steps: int = 100
+    dpo_steps: int = 64
+    reward_steps: int = 48
     max_new_tokens: int = 64
     generation_batch_size: int = 32
 
