@@ -256,3 +256,12 @@ def judge_both_orders(judge: Judge, cache: JudgmentCache, items: list[Comparison
     results = cache.judge(judge, list(items) + swapped)
     n = len(items)
     return [(results[i], None if results[n + i] is None else 1.0 - results[n + i]) for i in range(n)]
+
+
+def judge_swapped(judge: Judge, cache: JudgmentCache, items: list[Comparison]
+                  ) -> tuple[list[tuple[float | None, float | None]], list[float | None]]:
+    """:func:`judge_both_orders` and each comparison's swap-averaged P(x better) (None: an order failed)."""
+    from preftune.eval.judging import swap_average
+
+    orders = judge_both_orders(judge, cache, items)
+    return orders, [swap_average(a, b, judge.mode) for a, b in orders]

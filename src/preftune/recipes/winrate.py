@@ -207,23 +207,20 @@ def _two_shot(exp: _Experiment) -> dict[str, list[str]]:
 def _points(exp: _Experiment, judge, cache, methods: dict[str, dict[str, list[str]]], step: int | None = None
             ) -> tuple[list[dict], list[dict]]:
     """Win rates against the chosen replies: one point per (method, temperature), and every comparison's row."""
-    from preftune.eval.judges import judge_both_orders
-    from preftune.eval.judging import length_controlled_win_rate, swap_average, win_rate
+    from preftune.eval.judges import judge_swapped
+    from preftune.eval.judging import summarise, verdict
 
     points, rows = [], []
     chosen = [c for _, c in exp.split.test]
     for method, by_temperature in methods.items():
         for temperature, replies in by_temperature.items():
             items = [(p, r or " ", c) for p, r, c in zip(exp.prompts, replies, chosen)]
-            orders = judge_both_orders(judge, cache, items)
-            combined = [swap_average(a, b, judge.mode) for a, b in orders]
-            lengths = [len(r.split()) for _, r, _ in items], [len(c.split()) for c in chosen]
-            rate = win_rate(combined)
-            points.append({"method": method, "temperature": float(temperature), "step": step, **rate.as_dict(),
-                           "length_controlled_win_rate": length_controlled_win_rate(combined, *lengths),
-                           "mean_length": sum(lengths[0]) / len(lengths[0])})
+            orders, combined = judge_swapped(judge, cache, items)
+            stats = summarise(combined, [len(r.split()) for _, r, _ in items], [len(c.split()) for c in chosen])
+            points.append({"method": method, "temperature": float(temperature), "step": step, **stats})
             rows += [{"method": method, "temperature": float(temperature), "step": step, "prompt": p, "reply": r,
-                      "chosen": c, "p_reply_first": a, "p_reply_second": b, "p": pc}
+                      "chosen": c, "p_reply_first": a, "p_reply_second": b, "p": pc,
+                      "verdict": verdict(pc, "reply", "chosen")}
                      for (p, r, c), (a, b), pc in zip(items, orders, combined)]
     return points, rows
 
