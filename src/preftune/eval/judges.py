@@ -187,17 +187,9 @@ class RewardModelJudge:
         self.name, self.template_hash = f"rm:{Path(path).resolve()}", "-"
 
     def compare_many(self, items: list[Comparison], on_result=None) -> list[float | None]:
-        from preftune.data.schema import PreferencePair
-        from preftune.data.tokenize import tokenize_pair
-
-        info, tokenizer = self.model.info, self.model.tokenizer
-        limits = {"max_length": info.get("max_length", 512), "max_prompt_tokens": info.get("max_prompt_tokens", 256),
-                  "append_eos": info.get("append_eos", True)}
-        pairs = [tokenize_pair(tokenizer, PreferencePair(p, a, b, source=f"comparison:{i}"), **limits)
-                 for i, (p, a, b) in enumerate(items)]
-        prompts = [t.prompt_ids for t in pairs]
-        scores = self.model.score_ids(prompts * 2, [t.chosen_ids for t in pairs] + [t.rejected_ids for t in pairs],
-                                      normalized=False).tolist()
+        prompts = [p for p, _, _ in items]
+        scores = self.model.score_replies(prompts * 2, [a for _, a, _ in items] + [b for _, _, b in items],
+                                          normalized=False)
         out = [1 / (1 + math.exp(scores[len(items) + i] - scores[i])) for i in range(len(items))]
         for i, p in enumerate(out):
             if on_result is not None:

@@ -155,8 +155,7 @@ def _best_of_n(exp: _Experiment, sft_policy: str, rm_path: str) -> dict[str, lis
     for t in _floats(exp.w.temperatures):
         n = 1 if t == 0 else exp.w.best_of_n
         replies = exp.replies(model, t, n=n)
-        scores = rm.score_texts([prompt + reply for k, prompt in enumerate(exp.prompts)
-                                 for reply in replies[k * n:(k + 1) * n]], normalized=False)
+        scores = rm.score_replies([p for p in exp.prompts for _ in range(n)], replies, normalized=False)
         out[str(t)] = [replies[k * n + max(range(n), key=lambda j, k=k: scores[k * n + j])]
                        for k in range(len(exp.prompts))]
     return out
