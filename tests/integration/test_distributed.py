@@ -116,3 +116,74 @@ def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="preftune ppo runs in one process"):
         run_ppo(PPORunConfig())
+
+
+# ---------------------------------------------------------------- FSDP2: sharded instead of replicated
+# SGD (no momentum) at a large learning rate: the update is the gradient itself, so a gradient off by the number of
+# processes (gloo's AVG for FSDP2, pytorch#162338, or a loss scaled for DDP's averaging) moves the weights and the
+# next losses visibly; Adam and RMSprop normalise such a factor away.
+SHARDED = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plot=false", "train.optimizer=sgd",
+           "train.lr=0.5", "train.max_steps=3", "train.log_every=1"]
+
+
+def _sharded_pair(tmp_path, args: list[str], command: str = "dpo", multi_args: tuple[str, ...] = ()):
+    single = _run(args + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1, command=command)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(args + ["train.batch_size=1", "train.grad_accum_steps=2", "train.sharding=fsdp2", *multi_args,
+                         f"run.dir={tmp_path / 'two'}"], 2, command=command)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    return single, multi
+
+
+def _assert_same_run(tmp_path, keys, weights: str = "policy/model.safetensors") -> None:
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
+    for key in keys:
+        assert any(key in r for r in one) and any(key in r for r in two), key
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
+                                                                    abs=1e-6), key
+    wa, wb = (load_file(str(tmp_path / name / weights)) for name in ("one", "two"))
+    assert set(wa) == set(wb)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5  # the gathered policy: whole, and equal
+
+
+def _held(stderr: str, what: str) -> list[float]:
+    return [float(line.split(" holds ")[1].split()[0]) for line in stderr.splitlines()
+            if f"of the {what} model's parameters (FSDP2" in line]
+
+
+def test_fsdp2_two_processes_equal_one_with_a_sharded_reference(tmp_path, pairs_file):
+    """2 sharded processes x (batch 1 x 2 accumulation) = 1 process x batch 4: losses, gradient norms, held-out
+    metrics and the gathered policy; the frozen reference is sharded too, each process holding half of it."""
+    _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", "data.eval_fraction=0.5"])
+    _assert_same_run(tmp_path, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval/loss",
+                                "eval/rewards/margins"))
+    for what in ("trained", "frozen"):
+        held = _held(multi.stderr, what)
+        assert len(held) == 2 and all(0.45 < h <= 0.55 for h in held), (what, held)
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert one[1]["loss"] < 0.6  # the step moved the policy: a gradient off by x2 would show in steps 2 and 3
+
+
+@pytest.mark.parametrize("command, extra, keys, weights", [
+    ("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"), "policy/model.safetensors"),
+    ("sft", (), ("loss", "grad_norm", "eval/loss"), "policy/model.safetensors"),
+    ("reward", (), ("loss", "grad_norm", "accuracy", "eval/accuracy"), "reward_model/model.safetensors"),
+])
+def test_fsdp2_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file, command, extra, keys, weights):
+    """The same with reference log-probs precomputed (no reference held while training), for SFT (normalised by the
+    global token count) and for the reward model (sharded in place; its reward_model/ gathered whole)."""
+    held_out = [f"reference.cache_dir={tmp_path / 'cache'}"] if command == "dpo" else ["data.eval_fraction=0.5"]
+    _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command)
+    _assert_same_run(tmp_path, keys, weights)
+
+
+def test_fsdp2_refuses_what_it_does_not_cover_yet(tmp_path, pairs_file):
+    multi = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", "train.save_every=1",
+                            f"run.dir={tmp_path / 'run'}"], 2)
+    # each process exits 2 with the message (torchrun itself then reports a failed child)
+    assert multi.returncode != 0 and multi.stderr.count("does not support train.save_every (sharded checkpoints)") == 2
+    assert "exitcode  : 2" in multi.stderr
+    single = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", f"run.dir={tmp_path / 'one'}"], 1)
+    assert single.returncode == 2 and "shards across several processes" in single.stderr
+    assert "Traceback" not in single.stderr

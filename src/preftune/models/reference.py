@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from preftune.data.collate import batch_to, collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps, completion_counts, sequence_logps
+from preftune.models.logprobs import LogpsModule, SequenceLogps, autocast_context, batch_logps, completion_counts, sequence_logps
 from preftune.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,19 @@ class FrozenReference:
     matmuls bit for bit, half their memory, and no per-step casts. The LM head (fp32 log-probs), embeddings and
     norms keep their dtype. Calling such a reference outside bf16 autocast fails loudly (a dtype mismatch)."""
 
-    def __init__(self, model: torch.nn.Module, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32", shard=None):
         self.model = model.eval().requires_grad_(False)
-        if precision == "bf16":
+        self.module = None  # ``shard`` (FSDP2): the reference sharded like the policy, called as one module
+        if shard is not None:
+            self.module = shard(LogpsModule(self.model))  # FSDP keeps one parameter dtype per unit: no bf16 store
+        elif precision == "bf16":
             store_linear_weights_bf16(self.model)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         assert not self.model.training, "the reference model must stay in eval mode"
+        if self.module is not None:
+            return SequenceLogps(*self.module(batch))
         return batch_logps(self.model, batch)
 
 

@@ -104,8 +104,13 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
     from preftune.models.save import save_policy
     from preftune.train.rundir import read_metrics
 
-    if procs.is_main and cfg.train.save_final:
-        save_policy(cfg, policy, tokenizer, run_dir)
+    from preftune.models.load import load_causal_lm
+
+    if cfg.train.save_final:
+        whole = procs.unsharded(policy, lambda: load_causal_lm(cfg.model, seed=cfg.train.seed,
+                                                               trust_remote_code=cfg.trust_remote_code), "model.")
+        if procs.is_main:
+            save_policy(cfg, whole, tokenizer, run_dir)
     procs.barrier()
     if procs.is_main and cfg.run.plot:
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind=kind)

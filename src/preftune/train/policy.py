@@ -80,7 +80,8 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     if cfg.train.compile:
         policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
-        "model": lambda: FrozenReference(load_ref().to(device), precision),
+        "model": lambda: FrozenReference(load_ref().to(device), precision,
+                                         procs.shard_frozen if procs.sharding == "fsdp2" else None),
         "adapter": lambda: AdapterReference(policy),
         "precomputed": PrecomputedReference,
         "none": lambda: None,
