@@ -178,11 +178,37 @@ def test_fsdp2_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file
     _assert_same_run(tmp_path, keys, weights)
 
 
+def test_fsdp2_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file):
+    """Sharded checkpoints (each process its own shards of the weights and AdamW's state): SIGKILL-style exit after
+    step 3, --resume from step 2 on 2 processes, and the metrics rows and the gathered policy equal a straight run;
+    resuming on another number of processes is refused with a clear error."""
+    args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
+                           "train.save_every=2", "train.sharding=fsdp2", f"data.train={pairs_file}",
+                           "train.batch_size=1", "train.grad_accum_steps=2"]
+    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    assert sorted(p.name for p in checkpoint.glob("model.*")) == ["model.rank-0-of-2.safetensors",
+                                                                  "model.rank-1-of-2.safetensors"]
+    elsewhere = _run(["--resume", str(tmp_path / "killed")], 1)
+    assert elsewhere.returncode == 2 and "shards across several processes" in elsewhere.stderr
+    resumed = _run(["--resume", str(tmp_path / "killed")], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a] and [r["grad_norm"] for r in b] == [
+        r["grad_norm"] for r in a]
+    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
 def test_fsdp2_refuses_what_it_does_not_cover_yet(tmp_path, pairs_file):
-    multi = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", "train.save_every=1",
+    multi = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", "train.compile=true",
                             f"run.dir={tmp_path / 'run'}"], 2)
     # each process exits 2 with the message (torchrun itself then reports a failed child)
-    assert multi.returncode != 0 and multi.stderr.count("does not support train.save_every (sharded checkpoints)") == 2
+    assert multi.returncode != 0 and multi.stderr.count("does not support train.compile=true") == 2
     assert "exitcode  : 2" in multi.stderr
     single = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 2 and "shards across several processes" in single.stderr

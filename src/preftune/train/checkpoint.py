@@ -6,6 +6,10 @@ atomically, so a crash at any moment leaves the previous checkpoint usable.
 
 Layout: ``RUN/checkpoints/step-000010/{model.safetensors, optimizer.safetensors, rng.safetensors,
 trainer_state.json}`` and ``RUN/checkpoints/latest`` (a one-line file naming the directory).
+
+Sharded (FSDP2) runs write one ``{model,optimizer,rng}.rank-R-of-N.safetensors`` per process: each process's own
+shards of the weights and optimizer state, nothing gathered. They resume on the same number of processes (another
+number is refused: the shards are cut for N).
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from preftune.faults import maybe_fault
 from preftune.train.rundir import atomic_write_text
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -33,7 +44,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
         for name, value in pstate.items():
             key = f"state.{pid}.{name}"
             if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().contiguous().cpu()
+                tensors[key] = _local(value).detach().contiguous().cpu()
             else:
                 scalars[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -67,7 +78,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (all of them in full fine-tuning, only the adapter with LoRA): frozen weights
     are rebuilt from the model spec on resume. Tied weights appear once (named_parameters deduplicates)."""
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: _local(p).detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -109,6 +120,11 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                     scheduler: Any) -> dict[str, Any]:
     """Restore everything saved by :func:`save_checkpoint`; returns the trainer state dict."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("sharded"):
+        from preftune.errors import ConfigError
+
+        raise ConfigError(f"{path}: written sharded by {state['sharded']['processes']} processes "
+                          f"(train.sharding=fsdp2); resume it the same way")
     weights = load_file(str(path / "model.safetensors"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
@@ -132,3 +148,78 @@ def policies_along_training(run_dir: Path, spec: str, *, seed: int = 0):
         policy = load_causal_lm(spec, seed=seed)
         policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         yield int(ckpt.name.split("-")[1]), policy
+
+
+def _shard_file(kind: str, rank: int, world: int) -> str:
+    return f"{kind}.rank-{rank}-of-{world}.safetensors"
+
+
+def save_sharded_checkpoint(run_dir: Path, procs, *, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
+                            keep: int = 2) -> Path:
+    """:func:`save_checkpoint` for FSDP2: every process writes its own shards into one temporary directory,
+    then process 0 writes the trainer state, renames it into place and moves ``latest`` (all processes call it)."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if procs.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    procs.barrier()
+    rank, world = procs.rank, procs.world
+    save_file(model_state(model), str(tmp / _shard_file("model", rank, world)))
+    maybe_fault("mid_save")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / _shard_file("optimizer", rank, world)))
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(tmp / _shard_file("rng", rank, world)))
+    (tmp / f"rng.rank-{rank}-of-{world}.json").write_text(json.dumps(rng_meta), encoding="utf-8")
+    procs.barrier()
+    if procs.is_main:
+        state = dict(trainer_state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
+                     sharded={"kind": "fsdp2", "processes": world})
+        (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / "latest", final.name)
+        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in steps[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    procs.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, procs, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler: Any) -> dict[str, Any]:
+    """Restore this process's shards written by :func:`save_sharded_checkpoint`; returns the trainer state."""
+    from torch.distributed.tensor import DTensor
+
+    from preftune.errors import ConfigError
+
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    written = (state.get("sharded") or {}).get("processes")
+    if written != procs.world:
+        raise ConfigError(f"{path}: written by {written or 'one unsharded'} process(es), resumed on {procs.world} "
+                          f"sharded ones; resume with the number of processes and train.sharding that wrote it")
+    rank, world = procs.rank, procs.world
+    weights = load_file(str(path / _shard_file("model", rank, world)))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise RuntimeError(f"checkpoint {path} does not match the model's trainable parameters")
+    with torch.no_grad():
+        for name, p in params.items():
+            _local(p).copy_(weights[name])
+    saved = _unflatten_optimizer(load_file(str(path / _shard_file("optimizer", rank, world))), state["optimizer"])
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, pstate in saved["state"].items():  # each shard back into a DTensor laid out like its parameter
+        p = ordered[pid]
+        for name, value in pstate.items():
+            if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.to_local().shape:
+                pstate[name] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                                  stride=p.stride())
+    optimizer.load_state_dict(saved)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_meta = json.loads((path / f"rng.rank-{rank}-of-{world}.json").read_text(encoding="utf-8"))
+    set_rng_state(load_file(str(path / _shard_file("rng", rank, world))), rng_meta)
+    return state

@@ -70,8 +70,6 @@ def check_sharding(procs: "Processes", cfg, resume: bool) -> None:
         "lora.enabled=true (LoRA adapters)": lora is not None and lora.enabled,
         "reference.mode=adapter": reference is not None and reference.mode == "adapter",
         "train.compile=true": t.compile,
-        "train.save_every (sharded checkpoints)": t.save_every > 0,
-        "--resume (sharded checkpoints)": resume,
     }
     for what, hit in refused.items():
         if hit:

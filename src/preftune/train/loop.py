@@ -25,7 +25,8 @@ from preftune import faults
 from preftune.config import TrainConfig
 from preftune.data.collate import batch_to
 from preftune.models.logprobs import autocast_context
-from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
+                                       save_sharded_checkpoint)
 from preftune.train.distributed import Processes
 from preftune.train.sharding import scalar
 from preftune.train.metrics import MetricSums, Stats
@@ -239,7 +240,10 @@ def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: Da
         if resume:
             metrics.truncate_after(0)
         return 0, _Window()
-    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    if procs.sharding == "fsdp2":
+        state = load_sharded_checkpoint(checkpoint, procs, model=model, optimizer=optimizer, scheduler=scheduler)
+    else:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
     order.load(state["data"])
     # the window's sums were saved summed over processes: process 0 holds them, the others the same names at
     # zero (every process must sum the same names, or their collectives would not match)
@@ -280,11 +284,14 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
 
 def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model, optimizer, scheduler,
           order: DataOrder, cfg: TrainConfig) -> None:
-    """A checkpoint (process 0 writes it; every process takes part in summing the metric window first). None
-    under FSDP2 yet: train.save_every and --resume are refused there (distributed.check_sharding)."""
-    if procs.sharding == "fsdp2":
-        return
+    """A checkpoint (process 0 writes it; every process takes part in summing the metric window first; under
+    FSDP2 every process writes its own shards)."""
     window = sums.summed(procs).state()
+    if procs.sharding == "fsdp2":
+        save_sharded_checkpoint(run_dir, procs, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                trainer_state={"data": order.state(), "metrics_window": window},
+                                keep=cfg.keep_checkpoints)
+        return
     if procs.is_main:
         save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                         trainer_state={"data": order.state(), "metrics_window": window}, keep=cfg.keep_checkpoints)
