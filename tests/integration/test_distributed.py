@@ -50,18 +50,27 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
 
 
 def test_two_processes_with_a_precomputed_reference(tmp_path, pairs_file):
-    """Process 0 computes and caches the reference log-probs, the other reads its cache; training equals one
-    process with a live reference (to the fp32 noise of a batch-dependent forward)."""
+    """Each process computes half of the reference log-probs, process 0 caches the whole, and a second run reads
+    the cache (process 0 reads it, the other receives the values: no shared directory needed); training equals
+    one process with a live reference (to the fp32 noise of a batch-dependent forward)."""
     data = [f"data.train={pairs_file}", f"reference.cache_dir={tmp_path / 'cache'}"]
     single = _run(COMMON + data + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = _run(COMMON + data + ["train.batch_size=2", "reference.mode=precomputed", f"run.dir={tmp_path / 'two'}"],
                  2)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert multi.stderr.count("computing") == 1 and multi.stderr.count("reusing cache") == 1  # process 0, then 1
+    shares = sorted(line.split("INFO preftune.models.reference: ")[1] for line in multi.stderr.splitlines()
+                    if "reference log-probs" in line and " computed " in line)
+    assert shares == ["process 0 computed 4 of 8 reference log-probs", "process 1 computed 4 of 8 reference log-probs"]
+    assert multi.stderr.count("computing 8 pairs") == 1 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
     for key in ("loss", "rewards/margins", "grad_norm"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    again = _run(COMMON + data + ["train.batch_size=2", "reference.mode=precomputed", f"run.dir={tmp_path / 'again'}"],
+                 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("reusing cache") == 1 and " computed " not in again.stderr
+    assert [r["loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl")] == [r["loss"] for r in two]
 
 
 def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, pairs_file):
@@ -174,8 +183,12 @@ def test_fsdp2_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file
     """The same with reference log-probs precomputed (no reference held while training), for SFT (normalised by the
     global token count) and for the reward model (sharded in place; its reward_model/ gathered whole)."""
     held_out = [f"reference.cache_dir={tmp_path / 'cache'}"] if command == "dpo" else ["data.eval_fraction=0.5"]
-    _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command)
+    _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command,
+                             (f"reference.cache_dir={tmp_path / 'cache-two'}",) if command == "dpo" else ())
     _assert_same_run(tmp_path, keys, weights)
+    if command == "dpo":  # the precompute pass: a sharded reference, each process computing half of the pairs
+        assert [h for h in _held(multi.stderr, "frozen")] == [0.5, 0.5]
+        assert multi.stderr.count(" computed 4 of 8 reference log-probs") == 2
 
 
 def test_fsdp2_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file):

@@ -108,7 +108,8 @@ class Processes:
 
         # precision is preftune's (train.precision, its own autocast): an `accelerate launch` config must not add
         # accelerate's autocast or a compile backend behind it. The long collective timeout covers the processes
-        # that wait while process 0 precomputes reference log-probs (NCCL's default is 10 minutes).
+        # that wait at a barrier while process 0 alone works: writing a large policy, gathering a sharded one,
+        # plotting (NCCL's default is 10 minutes).
         return cls(Accelerator(cpu=device_setting == "cpu" or not torch.cuda.is_available(), mixed_precision="no",
                                dynamo_backend="no",
                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))]), sharding)
@@ -179,6 +180,12 @@ class Processes:
         if self.world == 1:
             return tensor
         return self.accelerator.reduce(tensor.to(self.device), reduction="sum")
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along dim 0 in process order, on the CPU of each."""
+        if self.world == 1:
+            return tensor
+        return self.accelerator.gather(tensor.to(self.device)).cpu()
 
     def sum_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """(sum, count) metric pairs summed over processes, one collective for all of them."""
