@@ -176,17 +176,19 @@ def test_fsdp2_two_processes_equal_one_with_a_sharded_reference(tmp_path, pairs_
 
 @pytest.mark.parametrize("command, extra, keys, weights", [
     ("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"), "policy/model.safetensors"),
+    ("dpo", ("lora.enabled=true",), ("loss", "grad_norm", "rewards/margins"), "policy-merged/model.safetensors"),
     ("sft", (), ("loss", "grad_norm", "eval/loss"), "policy/model.safetensors"),
     ("reward", (), ("loss", "grad_norm", "accuracy", "eval/accuracy"), "reward_model/model.safetensors"),
 ])
 def test_fsdp2_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file, command, extra, keys, weights):
-    """The same with reference log-probs precomputed (no reference held while training), for SFT (normalised by the
-    global token count) and for the reward model (sharded in place; its reward_model/ gathered whole)."""
+    """The same with reference log-probs precomputed (no reference held while training), with a LoRA adapter (the
+    frozen base and the adapter in the same units; the adapter and the merged model gathered), for SFT (normalised
+    by the global token count) and for the reward model (sharded in place; its reward_model/ gathered whole)."""
     held_out = [f"reference.cache_dir={tmp_path / 'cache'}"] if command == "dpo" else ["data.eval_fraction=0.5"]
     _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command,
                              (f"reference.cache_dir={tmp_path / 'cache-two'}",) if command == "dpo" else ())
     _assert_same_run(tmp_path, keys, weights)
-    if command == "dpo":  # the precompute pass: a sharded reference, each process computing half of the pairs
+    if "reference.mode=precomputed" in extra:  # the precompute pass: a sharded reference, each process computing half of the pairs
         assert [h for h in _held(multi.stderr, "frozen")] == [0.5, 0.5]
         assert multi.stderr.count(" computed 4 of 8 reference log-probs") == 2
 

@@ -44,7 +44,7 @@ def test_sharding_setting_and_the_accelerate_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize("override, refused", [
-    ("lora.enabled=true", "lora.enabled"), ("reference.mode=adapter", "reference.mode=adapter"),
+    ("reference.mode=adapter", "reference.mode=adapter"),
     ("train.compile=true", "train.compile"),
 ])
 def test_what_fsdp2_does_not_cover_yet_is_refused(override, refused):

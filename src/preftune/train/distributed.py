@@ -67,7 +67,6 @@ def check_sharding(procs: "Processes", cfg, resume: bool) -> None:
     lora = getattr(cfg, "lora", None)
     reference = getattr(cfg, "reference", None)
     refused = {
-        "lora.enabled=true (LoRA adapters)": lora is not None and lora.enabled,
         "reference.mode=adapter": reference is not None and reference.mode == "adapter",
         "train.compile=true": t.compile,
     }
