@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune.config import Config, load_config
+from preftune.config import load_config
 from preftune.errors import ConfigError
 from preftune.models.load import load_causal_lm
 from preftune.train.distributed import check_sharding, resolve_sharding

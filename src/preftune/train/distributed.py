@@ -64,7 +64,6 @@ def check_sharding(procs: "Processes", cfg, resume: bool) -> None:
     if procs.sharding != "fsdp2":
         return
     t = cfg.train
-    lora = getattr(cfg, "lora", None)
     reference = getattr(cfg, "reference", None)
     refused = {
         "reference.mode=adapter": reference is not None and reference.mode == "adapter",
