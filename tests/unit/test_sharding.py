@@ -50,9 +50,9 @@ def test_sharding_setting_and_the_accelerate_launcher(monkeypatch):
 def test_what_fsdp2_does_not_cover_yet_is_refused(override, refused):
     sharded = SimpleNamespace(sharding="fsdp2")
     with pytest.raises(ConfigError, match=f"does not support {refused}"):
-        check_sharding(sharded, load_config(None, [override]), resume=False)
-    check_sharding(SimpleNamespace(sharding="none"), load_config(None, [override]), resume=True)  # DDP: all fine
-    check_sharding(sharded, load_config(None, ["train.save_every=5"]), resume=True)  # sharded checkpoints
+        check_sharding(sharded, load_config(None, [override]))
+    check_sharding(SimpleNamespace(sharding="none"), load_config(None, [override]))  # DDP: all fine
+    check_sharding(sharded, load_config(None, ["train.save_every=5"]))  # sharded checkpoints
 
 
 def test_the_shipped_accelerate_configs_are_accelerate_configs():

@@ -34,7 +34,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     loss_fn = loss_from_config(cfg)
     resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
-    check_sharding(procs, cfg, resume)
+    check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "dpo", resume)

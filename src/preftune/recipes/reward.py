@@ -88,7 +88,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     check_config(cfg)
     setup_threads(cfg)
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
-    check_sharding(procs, cfg, resume)
+    check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "reward", resume)

@@ -57,7 +57,7 @@ def resolve_sharding(setting: str = "none") -> str:
     return setting
 
 
-def check_sharding(procs: "Processes", cfg, resume: bool) -> None:
+def check_sharding(procs: "Processes", cfg) -> None:
     """What FSDP2 does not cover yet, refused before anything loads (never silently replicated or skipped)."""
     from preftune.errors import ConfigError
 
