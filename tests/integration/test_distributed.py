@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from preftune.train.rundir import read_metrics
+
+from conftest import write_jsonl
 
 COMMON = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plot=false", "train.lr=1e-3",
           "train.optimizer=adamw", "train.max_steps=3", "train.log_every=1", "train.save_every=2"]
@@ -118,13 +121,37 @@ def test_resume_at_the_last_step_with_an_open_metrics_window_finishes(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
-    from preftune.config import ConfigError
-    from preftune.recipes.ppo import PPORunConfig, run as run_ppo
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="preftune ppo runs in one process"):
-        run_ppo(PPORunConfig())
+def test_ppo_on_two_processes_equals_one(tmp_path):
+    """Data-parallel PPO: each process samples and scores every other prompt (row-seeded sampling: the same draws as
+    one process), the rollout is gathered whole on each (advantages whitened and the KL controlled with global
+    statistics), each minibatch is split between the processes with token-weighted losses; per-iteration metrics,
+    the policy and the value head equal one process's. Then kill + --resume on 2 processes equals the straight run."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in (
+        "the movie was great", "i thought the acting was awful", "this film", "overall a lovely story",
+        "the ending was sad", "a plot that")])  # VADER scores that differ: rewards never all zero
+    args = ["model=tiny", "train.precision=fp32", "run.plot=false", "ppo.batch_size=6", "ppo.minibatch_size=3",
+            "ppo.max_new_tokens=6", "ppo.lr=1e-2", "ppo.scorer=vader", f"ppo.prompts={prompts}", "ppo.iterations=3",
+            "ppo.adaptive_kl=true", "ppo.horizon=10", "train.optimizer=sgd", "ppo.save_every=2"]
+    single = _run(args + [f"run.dir={tmp_path / 'one'}"], 1, command="ppo")
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(args + [f"run.dir={tmp_path / 'two'}"], 2, command="ppo")
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("reward", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
+                "grad_norm", "completion_tokens"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    assert one[-1]["policy_loss"] != 0 and one[-1]["kl"] != 0  # the policy moved: a wrong update would show
+    for name in ("policy/model.safetensors", "value_head.safetensors"):
+        wa, wb = (load_file(str(tmp_path / run / name)) for run in ("one", "two"))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, name
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"}, command="ppo")
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = _run(["--resume", str(tmp_path / "killed")], 2, command="ppo")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["reward"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")] == [r["reward"] for r in two]
+    wa, wb = (load_file(str(tmp_path / run / "policy" / "model.safetensors")) for run in ("two", "killed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ---------------------------------------------------------------- FSDP2: sharded instead of replicated

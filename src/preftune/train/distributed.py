@@ -2,7 +2,7 @@
 ``accelerate`` sets up the process group (gloo on CPUs, NCCL on GPUs) and wraps the policy in
 DistributedDataParallel. A single process (``WORLD_SIZE`` unset or 1) touches none of it.
 
-What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``): ``train.batch_size`` is per
+What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``; ``ppo``: rl/ppo_steps.py): ``train.batch_size`` is per
 process, so a step sees N x batch_size x grad_accum_steps pairs (or examples); every process walks the same
 seeded data order and takes its own contiguous slice of each global batch; the loss is normalised by the GLOBAL
 pair or token count (summed across processes) and scaled by N, since DDP averages gradients, so the update
@@ -28,16 +28,6 @@ log = logging.getLogger(__name__)
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def single_process_only(command: str) -> None:
-    """Commands that do not split their work across processes refuse to run as several (they would train N
-    independent copies that all write one run directory)."""
-    if world_size() > 1:
-        from preftune.errors import ConfigError
-
-        raise ConfigError(f"preftune {command} runs in one process; several processes (WORLD_SIZE="
-                          f"{world_size()}) are supported by preftune dpo, sft and reward")
 
 
 def resolve_sharding(setting: str = "none") -> str:
@@ -184,6 +174,16 @@ class Processes:
         if self.world == 1:
             return tensor
         return self.accelerator.gather(tensor.to(self.device)).cpu()
+
+    def gather_objects(self, value) -> list:
+        """Every process's ``value`` (any picklable object), in process order."""
+        if self.world == 1:
+            return [value]
+        from torch import distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
 
     def sum_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """(sum, count) metric pairs summed over processes, one collective for all of them."""
