@@ -113,6 +113,10 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
     from preftune.models.save import save_policy
     from preftune.train.rundir import read_metrics
 
+    from preftune.train.runtime import peak_memory_gb
+
+    log.info("process %d of %d (%s): %s", procs.rank, procs.world, procs.sharding if procs.world > 1 else "one",
+             ", ".join(f"{k} {v:.2f}" for k, v in peak_memory_gb(next(policy.parameters()).device).items()))
     if cfg.train.save_final:
         whole = procs.unsharded(policy, lambda: _fresh_policy(cfg, policy), "model.")
         if procs.is_main:
