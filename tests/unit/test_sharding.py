@@ -62,3 +62,21 @@ def test_the_shipped_accelerate_configs_are_accelerate_configs():
     assert fsdp.distributed_type == "FSDP" and str(fsdp.fsdp_config["fsdp_version"]) == "2"
     assert fsdp.mixed_precision == "no"  # precision is train.precision's
     assert load_config_from_file(str(ACCELERATE / "ddp.yaml")).distributed_type == "MULTI_GPU"
+
+
+def test_a_sharded_checkpoint_resumes_only_on_its_process_count(tmp_path):
+    import json
+
+    from preftune.train.checkpoint import load_checkpoint, load_sharded_checkpoint
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "sharded": {"kind": "fsdp2",
+                                                                                      "processes": 2}}))
+    with pytest.raises(ConfigError, match="written by 2 sharded processes, resumed on 3"):
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=3, rank=0), model=None, optimizer=None,
+                                scheduler=None)
+    with pytest.raises(ConfigError, match="written sharded by 2 processes"):  # unsharded resume of a sharded run
+        load_checkpoint(tmp_path, model=None, optimizer=None, scheduler=None)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(ConfigError, match="written unsharded"):
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=2, rank=0), model=None, optimizer=None,
+                                scheduler=None)

@@ -199,9 +199,11 @@ def load_sharded_checkpoint(path: Path, procs, *, model: torch.nn.Module, optimi
 
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     written = (state.get("sharded") or {}).get("processes")
+    if written is None:
+        raise ConfigError(f"{path}: written unsharded (train.sharding=none); resume it without FSDP2")
     if written != procs.world:
-        raise ConfigError(f"{path}: written by {written or 'one unsharded'} process(es), resumed on {procs.world} "
-                          f"sharded ones; resume with the number of processes and train.sharding that wrote it")
+        raise ConfigError(f"{path}: written by {written} sharded processes, resumed on {procs.world}; the shards are "
+                          f"cut for {written}: resume on {written} processes")
     rank, world = procs.rank, procs.world
     weights = load_file(str(path / _shard_file("model", rank, world)))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
