@@ -95,6 +95,14 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta, scheduler=scheduler.state_dict())
+    _publish(tmp, final, state, keep)
+    return final
+
+
+def _publish(tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
+    """Write the trainer state into the finished temporary directory, rename it into place, point ``latest`` at
+    it, and prune older checkpoints and stale temporary directories."""
+    root = final.parent
     (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -105,7 +113,6 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -176,16 +183,8 @@ def save_sharded_checkpoint(run_dir: Path, procs, *, step: int, model: torch.nn.
     (tmp / f"rng.rank-{rank}-of-{world}.json").write_text(json.dumps(rng_meta), encoding="utf-8")
     procs.barrier()
     if procs.is_main:
-        state = dict(trainer_state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
-                     sharded={"kind": "fsdp2", "processes": world})
-        (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(root / "latest", final.name)
-        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in steps[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, dict(trainer_state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
+                                  sharded={"kind": "fsdp2", "processes": world}), keep)
     procs.barrier()
     return final
 
