@@ -27,6 +27,8 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     counts = torch.bincount(_draws(logits, 1.0, top_p=0.7), minlength=4).float() / 20000
     # 0.5 < 0.7 <= 0.5 + 0.3: the first two tokens, renormalised to 0.625 / 0.375
     assert counts[2:].sum() == 0 and counts[:2].tolist() == pytest.approx([0.625, 0.375], abs=0.015)
+    # a tie: the first token alone reaches top_p = 0.5, so it alone is kept (as transformers' TopPLogitsWarper)
+    assert _draws(torch.log(torch.tensor([[0.3, 0.5, 0.15, 0.05]])), 1.0, top_p=0.5, n=200).unique().tolist() == [1]
 
 
 def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model, tiny_tokenizer):

@@ -38,6 +38,10 @@ def test_sharding_setting_and_the_accelerate_launcher(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert resolve_sharding("none") == "fsdp2"  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params"):
+        resolve_sharding("none")  # an accelerate FSDP option preftune does not take over: refused, not ignored
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP version 1"):
         resolve_sharding("none")

@@ -38,7 +38,9 @@ class RowSeededSampler:
     the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T), after top-p
     filtering when asked. A row's sample then does not depend on the rows beside it, the batch size or the process
     it was generated in (data-parallel PPO splits its prompts across processes and must sample what one process
-    would). Used as a logits processor under greedy decoding."""
+    would), as far as its logits do not: exact in fp32 on a CPU; under bf16 or GPU kernels a row's logits move
+    slightly with its batch's padding, and a near-tie can then draw another token. Used as a logits processor
+    under greedy decoding."""
 
     def __init__(self, row_seeds: list[int], temperature: float, top_p: float = 1.0):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
@@ -49,7 +51,7 @@ class RowSeededSampler:
         if self.top_p < 1.0:
             ordered, order = logits.sort(dim=-1, descending=True)
             cumulative = ordered.softmax(-1).cumsum(-1)
-            drop = cumulative - ordered.softmax(-1) > self.top_p  # keep the smallest prefix reaching top_p
+            drop = cumulative - ordered.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))

@@ -231,9 +231,8 @@ def precompute(splits: dict[str, list[TokenizedPair]], *, load_model: Callable[[
         else:
             if main:
                 log.info("reference log-probs for %s: computing %d pairs (cache %s)", name, len(items), path)
-            if model is None:
-                model = load_model().to(device)
-                model = prepare(model) if prepare is not None else model
+            if model is None:  # ``prepare`` (FSDP2) shards it onto the device from host memory
+                model = prepare(load_model()) if prepare is not None else load_model().to(device)
             logps = shared_logps(model, items, procs, pad_id, batch_size, device, precision)
             if main:
                 tmp = path.with_name(f".{path.name}.tmp")

@@ -148,6 +148,9 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     setup_threads(cfg)
     s = cfg.ppo
     procs = Processes.from_env(cfg.train.device)
+    if procs.sharding != "none":
+        raise ConfigError("preftune ppo runs data parallel (every process holds the whole policy); an FSDP launch "
+                          "config does not apply to it: launch it without one")
     if s.minibatch_size < procs.world:
         raise ConfigError(f"config key 'ppo.minibatch_size' ({s.minibatch_size}) is smaller than the number of "
                           f"processes ({procs.world}): each process takes a share of every minibatch")

@@ -101,7 +101,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     d = cfg.data
     model.info.update(base_model=cfg.model, append_eos=d.append_eos,
                       max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens)
-    model = model.to(device)
+    model = model.to(procs.load_device(device))  # FSDP2: sharded onto the device by procs.wrap
     prepare_for_training(model.backbone, cfg)
     pad_id = tokenizer.pad_token_id
     stepped = procs.wrap(model) if procs.world > 1 else model  # FSDP2 shards it in place: stepped is model

@@ -62,7 +62,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    model = prepare_for_training(model.to(device), cfg)
+    model = prepare_for_training(model.to(procs.load_device(device)), cfg)
     pad_id = tokenizer.pad_token_id
     stepped = procs.wrap(LogpsModule(model)) if procs.world > 1 else model
     eval_fn = None

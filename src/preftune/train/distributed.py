@@ -40,6 +40,15 @@ def resolve_sharding(setting: str = "none") -> str:
         if version != "2":
             raise ConfigError(f"the accelerate config asks for FSDP version {version}; preftune shards with FSDP2 "
                               "(fsdp_version: 2, see configs/accelerate/fsdp2.yaml)")
+        unsupported = {  # accelerate's FSDP options preftune does not take over: refused, never ignored
+            "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params (CPU offload is not supported)"),
+            "FSDP_ACTIVATION_CHECKPOINTING": ("true", "fsdp_activation_checkpointing (use "
+                                                      "train.gradient_checkpointing=true)"),
+            "FSDP_RESHARD_AFTER_FORWARD": ("false", "fsdp_reshard_after_forward: false (preftune always reshards)"),
+        }
+        for name, (value, what) in unsupported.items():
+            if os.environ.get(name, "").lower() == value:
+                raise ConfigError(f"the accelerate config sets {what}; remove it (see configs/accelerate/fsdp2.yaml)")
         setting = "fsdp2"
     if setting == "fsdp2" and world_size() <= 1:
         raise ConfigError("train.sharding=fsdp2 shards across several processes: start them with torchrun or "
@@ -126,6 +135,11 @@ class Processes:
         else:
             self.ddp = self.accelerator.prepare_model(module)
         return self.ddp
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where a model goes before it is wrapped: under FSDP2 it stays in host memory and ``fully_shard`` moves
+        each process's shards (one unit at a time) to ``device``, so no GPU ever holds a whole model."""
+        return torch.device("cpu") if self.sharding == "fsdp2" else device
 
     def shard_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
         """A frozen module (the reference) sharded like the policy under FSDP2; as it is otherwise."""

@@ -82,11 +82,11 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
-    policy = prepare_for_training(policy.to(device), cfg)
+    policy = prepare_for_training(policy.to(procs.load_device(device)), cfg)
     if cfg.train.compile:
         policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
-        "model": lambda: FrozenReference(load_ref().to(device), precision,
+        "model": lambda: FrozenReference(load_ref().to(procs.load_device(device)), precision,
                                          procs.shard_frozen if procs.sharding == "fsdp2" else None),
         "adapter": lambda: AdapterReference(policy),
         "precomputed": PrecomputedReference,
