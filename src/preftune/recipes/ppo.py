@@ -136,10 +136,8 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     gradients); a returned dict is logged as ``eval/<key>``. ``scorer`` (any ``texts -> scores`` callable)
     replaces ``ppo.scorer``; ``prompts`` replaces ``ppo.prompts`` (written to RUN/prompts.jsonl)."""
     from preftune import faults
-    from preftune.data.records import write_jsonl
     from preftune.rl.ppo_steps import run_eval_hook, run_iteration
     from preftune.train.checkpoint import latest_checkpoint, load_checkpoint
-    from preftune.train.distributed import Processes
     from preftune.train.loop import DataOrder
     from preftune.train.rundir import MetricsWriter
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
@@ -147,22 +145,10 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     check_config(cfg)
     setup_threads(cfg)
     s = cfg.ppo
-    procs = Processes.from_env(cfg.train.device)
-    if procs.sharding != "none":
-        raise ConfigError("preftune ppo runs data parallel (every process holds the whole policy); an FSDP launch "
-                          "config does not apply to it: launch it without one")
-    if s.minibatch_size < procs.world:
-        raise ConfigError(f"config key 'ppo.minibatch_size' ({s.minibatch_size}) is smaller than the number of "
-                          f"processes ({procs.world}): each process takes a share of every minibatch")
+    procs = _processes(cfg)
     scorer = _resolve_scorer(cfg, scorer)
     run_dir = procs.run_dir(cfg, "ppo", resume)
-    if prompts is not None and not resume:
-        s.prompts, s.num_prompts = str(run_dir / "prompts.jsonl"), len(prompts)
-        if procs.is_main:
-            write_jsonl(run_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
-            save_config(cfg, run_dir / "config.yaml", command="ppo")
-        procs.barrier()
-    prompts = load_prompts(s, cfg.train.seed)
+    prompts = _prompts(cfg, procs, run_dir, prompts, resume)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     tokenizer, model, reference, optimizer, scheduler, kl_ctl = _build(cfg, device)
@@ -206,6 +192,35 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
         _save_outputs(cfg, model, tokenizer, run_dir)
     procs.barrier()
     return {"run_dir": str(run_dir), "iterations": iteration, "train": last, "eval": last_eval}
+
+
+def _processes(cfg: PPORunConfig):
+    """This process's view of a data-parallel PPO run (an FSDP launch, or too small a minibatch, refused)."""
+    from preftune.train.distributed import Processes
+
+    procs = Processes.from_env(cfg.train.device)
+    if procs.sharding != "none":
+        raise ConfigError("preftune ppo runs data parallel (every process holds the whole policy); an FSDP launch "
+                          "config does not apply to it: launch it without one")
+    if cfg.ppo.minibatch_size < procs.world:
+        raise ConfigError(f"config key 'ppo.minibatch_size' ({cfg.ppo.minibatch_size}) is smaller than the number "
+                          f"of processes ({procs.world}): each process takes a share of every minibatch")
+    return procs
+
+
+def _prompts(cfg: PPORunConfig, procs, run_dir: Path, prompts: list[str] | None, resume: bool) -> list[str]:
+    """The training prompts: ``prompts`` given in-process are written to RUN/prompts.jsonl (by process 0) and
+    become ``ppo.prompts``; then read as configured."""
+    from preftune.data.records import write_jsonl
+
+    s = cfg.ppo
+    if prompts is not None and not resume:
+        s.prompts, s.num_prompts = str(run_dir / "prompts.jsonl"), len(prompts)
+        if procs.is_main:
+            write_jsonl(run_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
+            save_config(cfg, run_dir / "config.yaml", command="ppo")
+        procs.barrier()
+    return load_prompts(s, cfg.train.seed)
 
 
 def _save_checkpoint(procs, run_dir: Path, **kwargs) -> None:
