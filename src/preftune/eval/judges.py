@@ -175,7 +175,9 @@ class HTTPJudge:
 
 
 class RewardModelJudge:
-    """``rm:PATH``: P(a better) = sigmoid(r(prompt, a) - r(prompt, b)) with the raw (unnormalised) rewards."""
+    """``rm:PATH``: P(a better) = sigmoid(r(prompt, a) - r(prompt, b)) with the raw (unnormalised) rewards. Each
+    distinct (prompt, reply) is scored once per judge: the other order, and an opponent every method meets (the
+    dataset's chosen reply), reuse its score (judging was ~4 forwards per comparison, now about one)."""
 
     mode = "logprobs"
 
@@ -185,12 +187,23 @@ class RewardModelJudge:
         path = s.spec.removeprefix("rm:")
         self.model = RewardModel.load(path)
         self.name, self.template_hash = f"rm:{Path(path).resolve()}", "-"
+        self.scores: dict[tuple[str, str], float] = {}
+        self.scored = 0  # forwards run (a test reads it)
+
+    def _score(self, pairs: list[tuple]) -> list[float]:
+        keys = [(p if isinstance(p, str) else json.dumps(p), r) for p, r in pairs]  # a prompt may be messages
+        new = {k: pair for k, pair in zip(keys, pairs) if k not in self.scores}
+        if new:
+            values = self.model.score_replies([p for p, _ in new.values()], [r for _, r in new.values()],
+                                              normalized=False)
+            self.scores.update(zip(new, values))
+            self.scored += len(new)
+        return [self.scores[k] for k in keys]
 
     def compare_many(self, items: list[Comparison], on_result=None) -> list[float | None]:
-        prompts = [p for p, _, _ in items]
-        scores = self.model.score_replies(prompts * 2, [a for _, a, _ in items] + [b for _, _, b in items],
-                                          normalized=False)
-        out = [1 / (1 + math.exp(scores[len(items) + i] - scores[i])) for i in range(len(items))]
+        a = self._score([(p, x) for p, x, _ in items])
+        b = self._score([(p, y) for p, _, y in items])
+        out = [1 / (1 + math.exp(rb - ra)) for ra, rb in zip(a, b)]
         for i, p in enumerate(out):
             if on_result is not None:
                 on_result(i, p)

@@ -115,6 +115,19 @@ class _Experiment:
     def all_temperatures(self, model, prompts: list[str] | None = None) -> dict[str, list[str]]:
         return {str(t): self.replies(model, t, prompts) for t in _floats(self.w.temperatures)}
 
+    def sampled(self, name: str, key: dict, sample) -> dict[str, list[str]]:
+        """Replies that no training run holds (best-of-N, the 2-shot base), kept in RUN/runs/NAME/result.json
+        under their settings, so that re-running into the same ``--out`` reuses them."""
+        from preftune.recipes.common import reused_or_run
+
+        run_dir = self.root / "runs" / name
+
+        def compute():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return sample()
+
+        return reused_or_run(run_dir, {**self.common, **key}, compute)
+
     def train_run(self, name: str, run, base, overrides: list[str], key: dict, after=None) -> dict:
         """A training run (reused when finished under the same settings); ``after(run_dir)`` samples from it
         before its checkpoints are dropped."""
@@ -293,12 +306,14 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     policy_rm = exp.train_run("policy-rm", run_reward, RewardRunConfig(),
                               [f"data.train={root / 'train-policy-rm.jsonl'}", *rm_overrides],
                               {"rm": "policy", "steps": w.reward_steps})
-    methods[f"best-of-{w.best_of_n}"] = _best_of_n(exp, sft_policy, policy_rm["result"]["reward_model"])
+    methods[f"best-of-{w.best_of_n}"] = exp.sampled(  # kept like a run: a re-run does not sample them again
+        "best-of-n", {"n": w.best_of_n, "sft": w.sft_steps, "rm": w.reward_steps},
+        lambda: _best_of_n(exp, sft_policy, policy_rm["result"]["reward_model"]))
     if w.ppo_iterations:
         ppo = _ppo(exp, sft_policy, policy_rm["result"]["reward_model"])
         methods["PPO"], curves["PPO"] = ppo["samples"], ppo["curve"]
     if w.two_shot:
-        methods["2-shot base"] = _two_shot(exp)
+        methods["2-shot base"] = exp.sampled("two-shot", {"two_shot": True}, lambda: _two_shot(exp))
     if not cfg.judge.spec:  # the judge: a reward model on the other half of the training pairs
         judge_rm = exp.train_run("judge-rm", run_reward, RewardRunConfig(),
                                  [f"data.train={root / 'train-judge-rm.jsonl'}", *rm_overrides],
