@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 8  # pairs (DPO) or examples (SFT) per micro-batch, per process
     grad_accum_steps: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum_steps
     lr: float = 5e-6
-    optimizer: str = "rmsprop"  # rmsprop (the DPO paper's choice) | adamw
+    optimizer: str = "rmsprop"  # rmsprop (the DPO paper's choice) | adamw | sgd (plain, no momentum)
     weight_decay: float = 0.0
     warmup_steps: int | None = None  # None: the paper's 150 steps, scaled to the run (at most 10% of max_steps)
     schedule: str = "constant"  # constant | cosine | linear (after warm-up)
@@ -62,6 +62,9 @@ class TrainConfig:
     device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N | mps
     save_final: bool = True  # the final checkpoint and RUN/policy; false: metrics only (throughput benchmarks)
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    # several processes: none (data parallel, every process holds whole models) | fsdp2 (policy, gradients,
+    # optimizer state and the reference sharded across the processes; see train/sharding.py)
+    sharding: str = "none"
     # CUDA: TF32 tensor cores for fp32 matmuls (under bf16 autocast that is the LM head's log-prob matmuls, which
     # in true fp32 run at a fraction of the bf16 rate); 10-bit mantissa inputs, fp32 accumulation. Off: IEEE fp32
     tf32: bool = False
@@ -124,10 +127,11 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.prompt_overflow": ("truncate", "error"),
     "data.on_invalid": ("error", "skip"),
-    "train.optimizer": ("rmsprop", "adamw"),
+    "train.optimizer": ("rmsprop", "adamw", "sgd"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.layout": ("auto", "padded", "prefix_shared", "packed"),
+    "train.sharding": ("none", "fsdp2"),
     "reference.mode": ("model", "adapter", "precomputed", "none"),
     "judge.mode": ("logprobs", "text"),  # the judge section of preftune judge / winrate (eval/judges.py)
 }

@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from preftune.train.rundir import read_metrics
+
+from conftest import write_jsonl
 
 COMMON = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plot=false", "train.lr=1e-3",
           "train.optimizer=adamw", "train.max_steps=3", "train.log_every=1", "train.save_every=2"]
@@ -50,18 +53,27 @@ def test_two_processes_equal_one_with_their_combined_batch(tmp_path, pairs_file)
 
 
 def test_two_processes_with_a_precomputed_reference(tmp_path, pairs_file):
-    """Process 0 computes and caches the reference log-probs, the other reads its cache; training equals one
-    process with a live reference (to the fp32 noise of a batch-dependent forward)."""
+    """Each process computes half of the reference log-probs, process 0 caches the whole, and a second run reads
+    the cache (process 0 reads it, the other receives the values: no shared directory needed); training equals
+    one process with a live reference (to the fp32 noise of a batch-dependent forward)."""
     data = [f"data.train={pairs_file}", f"reference.cache_dir={tmp_path / 'cache'}"]
     single = _run(COMMON + data + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = _run(COMMON + data + ["train.batch_size=2", "reference.mode=precomputed", f"run.dir={tmp_path / 'two'}"],
                  2)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert multi.stderr.count("computing") == 1 and multi.stderr.count("reusing cache") == 1  # process 0, then 1
+    shares = sorted(line.split("INFO preftune.models.reference: ")[1] for line in multi.stderr.splitlines()
+                    if "reference log-probs" in line and " computed " in line)
+    assert shares == ["process 0 computed 4 of 8 reference log-probs", "process 1 computed 4 of 8 reference log-probs"]
+    assert multi.stderr.count("computing 8 pairs") == 1 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
     for key in ("loss", "rewards/margins", "grad_norm"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    again = _run(COMMON + data + ["train.batch_size=2", "reference.mode=precomputed", f"run.dir={tmp_path / 'again'}"],
+                 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("reusing cache") == 1 and " computed " not in again.stderr
+    assert [r["loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl")] == [r["loss"] for r in two]
 
 
 def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, pairs_file):
@@ -109,10 +121,137 @@ def test_resume_at_the_last_step_with_an_open_metrics_window_finishes(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_commands_that_run_in_one_process_refuse_several(monkeypatch):
-    from preftune.config import ConfigError
-    from preftune.recipes.ppo import PPORunConfig, run as run_ppo
+def test_ppo_on_two_processes_equals_one(tmp_path):
+    """Data-parallel PPO: each process samples and scores every other prompt (row-seeded sampling: the same draws as
+    one process), the rollout is gathered whole on each (advantages whitened and the KL controlled with global
+    statistics), each minibatch is split between the processes with token-weighted losses; per-iteration metrics,
+    the policy and the value head equal one process's. Then kill + --resume on 2 processes equals the straight run."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in (
+        "the movie was great", "i thought the acting was awful", "this film", "overall a lovely story",
+        "the ending was sad", "a plot that")])  # VADER scores that differ: rewards never all zero
+    args = ["model=tiny", "train.precision=fp32", "run.plot=false", "ppo.batch_size=6", "ppo.minibatch_size=3",
+            "ppo.max_new_tokens=6", "ppo.lr=1e-2", "ppo.scorer=vader", f"ppo.prompts={prompts}", "ppo.iterations=3",
+            "ppo.adaptive_kl=true", "ppo.horizon=10", "train.optimizer=sgd", "ppo.save_every=2"]
+    single = _run(args + [f"run.dir={tmp_path / 'one'}"], 1, command="ppo")
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(args + [f"run.dir={tmp_path / 'two'}"], 2, command="ppo")
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("reward", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
+                "grad_norm", "completion_tokens"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    assert one[-1]["policy_loss"] != 0 and one[-1]["kl"] != 0  # the policy moved: a wrong update would show
+    for name in ("policy/model.safetensors", "value_head.safetensors"):
+        wa, wb = (load_file(str(tmp_path / run / name)) for run in ("one", "two"))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, name
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"}, command="ppo")
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = _run(["--resume", str(tmp_path / "killed")], 2, command="ppo")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["reward"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")] == [r["reward"] for r in two]
+    wa, wb = (load_file(str(tmp_path / run / "policy" / "model.safetensors")) for run in ("two", "killed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="preftune ppo runs in one process"):
-        run_ppo(PPORunConfig())
+
+# ---------------------------------------------------------------- FSDP2: sharded instead of replicated
+# SGD (no momentum) at a large learning rate: the update is the gradient itself, so a gradient off by the number of
+# processes (gloo's AVG for FSDP2, pytorch#162338, or a loss scaled for DDP's averaging) moves the weights and the
+# next losses visibly; Adam and RMSprop normalise such a factor away.
+SHARDED = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.plot=false", "train.optimizer=sgd",
+           "train.lr=0.5", "train.max_steps=3", "train.log_every=1"]
+
+
+def _sharded_pair(tmp_path, args: list[str], command: str = "dpo", multi_args: tuple[str, ...] = ()):
+    single = _run(args + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1, command=command)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run(args + ["train.batch_size=1", "train.grad_accum_steps=2", "train.sharding=fsdp2", *multi_args,
+                         f"run.dir={tmp_path / 'two'}"], 2, command=command)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    return single, multi
+
+
+def _assert_same_run(tmp_path, keys, weights: str = "policy/model.safetensors") -> None:
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
+    for key in keys:
+        assert any(key in r for r in one) and any(key in r for r in two), key
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
+                                                                    abs=1e-6), key
+    wa, wb = (load_file(str(tmp_path / name / weights)) for name in ("one", "two"))
+    assert set(wa) == set(wb)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5  # the gathered policy: whole, and equal
+
+
+def _held(stderr: str, what: str) -> list[float]:
+    return [float(line.split(" holds ")[1].split()[0]) for line in stderr.splitlines()
+            if f"of the {what} model's parameters (FSDP2" in line]
+
+
+def test_fsdp2_two_processes_equal_one_with_a_sharded_reference(tmp_path, pairs_file):
+    """2 sharded processes x (batch 1 x 2 accumulation) = 1 process x batch 4: losses, gradient norms, held-out
+    metrics and the gathered policy; the frozen reference is sharded too, each process holding half of it."""
+    _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", "data.eval_fraction=0.5"])
+    _assert_same_run(tmp_path, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval/loss",
+                                "eval/rewards/margins"))
+    for what in ("trained", "frozen"):
+        held = _held(multi.stderr, what)
+        assert len(held) == 2 and all(0.45 < h <= 0.55 for h in held), (what, held)
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert one[1]["loss"] < 0.6  # the step moved the policy: a gradient off by x2 would show in steps 2 and 3
+
+
+@pytest.mark.parametrize("command, extra, keys, weights", [
+    ("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"), "policy/model.safetensors"),
+    ("dpo", ("lora.enabled=true",), ("loss", "grad_norm", "rewards/margins"), "policy-merged/model.safetensors"),
+    ("sft", (), ("loss", "grad_norm", "eval/loss"), "policy/model.safetensors"),
+    ("reward", (), ("loss", "grad_norm", "accuracy", "eval/accuracy"), "reward_model/model.safetensors"),
+])
+def test_fsdp2_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file, command, extra, keys, weights):
+    """The same with reference log-probs precomputed (no reference held while training), with a LoRA adapter (the
+    frozen base and the adapter in the same units; the adapter and the merged model gathered), for SFT (normalised
+    by the global token count) and for the reward model (sharded in place; its reward_model/ gathered whole)."""
+    held_out = [f"reference.cache_dir={tmp_path / 'cache'}"] if command == "dpo" else ["data.eval_fraction=0.5"]
+    _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command,
+                             (f"reference.cache_dir={tmp_path / 'cache-two'}",) if command == "dpo" else ())
+    _assert_same_run(tmp_path, keys, weights)
+    if "reference.mode=precomputed" in extra:  # the precompute pass: a sharded reference, each process computing half of the pairs
+        assert [h for h in _held(multi.stderr, "frozen")] == [0.5, 0.5]
+        assert multi.stderr.count(" computed 4 of 8 reference log-probs") == 2
+
+
+def test_fsdp2_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file):
+    """Sharded checkpoints (each process its own shards of the weights and AdamW's state): SIGKILL-style exit after
+    step 3, --resume from step 2 on 2 processes, and the metrics rows and the gathered policy equal a straight run;
+    resuming on another number of processes is refused with a clear error."""
+    args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
+                           "train.save_every=2", "train.sharding=fsdp2", f"data.train={pairs_file}",
+                           "train.batch_size=1", "train.grad_accum_steps=2"]
+    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    assert sorted(p.name for p in checkpoint.glob("model.*")) == ["model.rank-0-of-2.safetensors",
+                                                                  "model.rank-1-of-2.safetensors"]
+    elsewhere = _run(["--resume", str(tmp_path / "killed")], 1)
+    assert elsewhere.returncode == 2 and "shards across several processes" in elsewhere.stderr
+    resumed = _run(["--resume", str(tmp_path / "killed")], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a] and [r["grad_norm"] for r in b] == [
+        r["grad_norm"] for r in a]
+    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_fsdp2_refuses_what_it_does_not_cover_yet(tmp_path, pairs_file):
+    multi = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", "train.compile=true",
+                            f"run.dir={tmp_path / 'run'}"], 2)
+    # each process exits 2 with the message (torchrun itself then reports a failed child)
+    assert multi.returncode != 0 and multi.stderr.count("does not support train.compile=true") == 2
+    assert "exitcode  : 2" in multi.stderr
+    single = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", f"run.dir={tmp_path / 'one'}"], 1)
+    assert single.returncode == 2 and "shards across several processes" in single.stderr
+    assert "Traceback" not in single.stderr

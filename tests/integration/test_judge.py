@@ -54,6 +54,27 @@ def tiny_reward_model(tmp_path_factory) -> Path:
     return path
 
 
+def test_reward_model_judge_scores_each_reply_once(tiny_reward_model):
+    """P = sigmoid(r(a) - r(b)) from scores that are computed once per distinct (prompt, reply): the swapped order
+    and a shared opponent reuse them."""
+    import math
+
+    from preftune.eval.judges import JudgeSettings, RewardModelJudge, judge_swapped, JudgmentCache
+    from preftune.models.reward_model import RewardModel
+
+    judge = RewardModelJudge(JudgeSettings(spec=f"rm:{tiny_reward_model}"))
+    items = [("Q1", "yes", "the chosen one"), ("Q2", "no", "the chosen two"), ("Q1", "maybe", "the chosen one")]
+    orders, combined = judge_swapped(judge, JudgmentCache(tiny_reward_model.parent / "j.jsonl"), items)
+    assert judge.scored == 5  # 3 replies + 2 distinct opponents, not 2 x 2 x 3
+    rm = RewardModel.load(tiny_reward_model)
+    r = dict(zip(["yes", "no", "maybe", "c1", "c2"], rm.score_replies(
+        ["Q1", "Q2", "Q1", "Q1", "Q2"], ["yes", "no", "maybe", "the chosen one", "the chosen two"], normalized=False)))
+    expected = [1 / (1 + math.exp(r[c] - r[x])) for x, c in (("yes", "c1"), ("no", "c2"), ("maybe", "c1"))]
+    assert [a for a, _ in orders] == pytest.approx(expected, abs=1e-6)
+    assert [b for _, b in orders] == pytest.approx(expected, abs=1e-6)  # the other order: 1 - P(opponent first)
+    assert combined == pytest.approx(expected, abs=1e-6)
+
+
 def test_reward_model_judge_card_and_reuse(tmp_path, tiny_reward_model, capsys, caplog):
     from preftune.data.records import read_preference_pairs
     from preftune.data.tokenize import tokenize_pair

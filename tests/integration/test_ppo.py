@@ -36,7 +36,10 @@ def _restore_threads():
 
 @pytest.fixture()
 def prompts_file(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    """Prompts whose VADER scores differ (a random tiny model's tokens are neutral words or none): the rewards, and
+    so the advantages and the update, are never all zero, whatever the seeded samples are."""
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in (
+        "the movie was great", "i thought the acting was awful", "this film", "overall a lovely story")])
 
 
 def test_ppo_cli_end_to_end(tmp_path, prompts_file, capsys):

@@ -4,6 +4,7 @@ prompt, and the error for absent data."""
 from __future__ import annotations
 
 import json
+import logging
 
 
 from preftune.cli import main
@@ -43,7 +44,7 @@ def test_split_by_prompt_keeps_prompts_apart_and_tests_single_turn_only(tmp_path
     assert split_by_prompt(pairs, test_prompts=4, judge_val_pairs=5, seed=1).test != split.test
 
 
-def test_winrate_quick_end_to_end_on_tiny(tmp_path, capsys):
+def test_winrate_quick_end_to_end_on_tiny(tmp_path, capsys, caplog):
     data = write_jsonl(tmp_path / "hh.jsonl", _hh_rows())
     out = tmp_path / "w"
     args = ["winrate", "--quick", "--out", str(out), "model=tiny", f"winrate.data={data}", "winrate.test_prompts=4",
@@ -72,8 +73,11 @@ def test_winrate_quick_end_to_end_on_tiny(tmp_path, capsys):
     assert "judge accuracy on held-out human labels" in printed
     # a second run into the same --out reuses every run and judgment
     capsys.readouterr()
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="preftune"):
+        assert main(args) == 0
     assert json.loads((out / "winrate.json").read_text())["points"] == result["points"]
+    reused = {r.getMessage().split("runs/")[-1].split(" ")[0] for r in caplog.records if "reusing" in r.getMessage()}
+    assert {"best-of-n", "two-shot", "preferred-ft", "judge-rm", "policy-rm"} <= reused  # nothing sampled again
 
 
 def test_winrate_without_data_exits_2(tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from preftune.eval.judges import ab_probability, load_template, parse_verdict, render
 from preftune.eval.judging import (cohens_kappa, first_slot_rate, judge_card, length_controlled_win_rate, logistic_fit,
-                                   swap_average, swap_consistency, wilson_interval, win_rate)
+                                   summarise, swap_average, swap_consistency, verdict, wilson_interval,
+                                   win_rate)
 
 
 def test_swap_average_in_both_modes():
@@ -26,6 +27,14 @@ def test_win_rate_with_ties_and_fails_by_hand():
     # half-width 1.96 sqrt(0.625*0.375/4 + 3.8415/64) / 1.96037 = 0.34434
     assert (r.ci_low, r.ci_high) == pytest.approx((0.21942, 0.90810), abs=2e-4)
     assert math.isnan(win_rate([None, None]).win_rate) and win_rate([None, None]).fails == 2
+
+
+def test_verdict_and_summary_by_hand():
+    assert [verdict(p, "a", "b") for p in (0.9, 0.1, 0.5, None)] == ["a", "b", "tie", "fail"]
+    s = summarise([0.9, 0.2, 0.5, None], [10, 20, 30, 40], [5, 5, 5, 5])
+    # judged 3: one win, one tie: 1.5 / 3; lengths are means over every comparison, failures included
+    assert s["win_rate"] == pytest.approx(0.5) and (s["ties"], s["fails"]) == (1, 1)
+    assert (s["mean_length"], s["mean_length_opponent"]) == (25.0, 5.0) and "length_controlled_win_rate" in s
 
 
 def test_wilson_interval_edges():

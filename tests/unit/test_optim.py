@@ -65,3 +65,13 @@ def test_build_optimizer_picks_the_cpu_implementations():
     adamw = optim.build_optimizer(params, TrainConfig(optimizer="adamw", lr=1e-3))
     assert type(rms) is optim.ChunkedRMSprop
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True
+
+
+def test_sgd_is_plain_gradient_descent():
+    """train.optimizer=sgd: p <- p - lr * g, nothing that rescales the gradient (what the sharded-training tests
+    rely on to see a gradient off by the number of processes)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = optim.build_optimizer([p], TrainConfig(optimizer="sgd", lr=0.5))
+    p.grad = torch.tensor([0.2, 4.0])
+    opt.step()
+    assert p.detach().tolist() == pytest.approx([1.0 - 0.1, -2.0 - 2.0])

@@ -182,6 +182,22 @@ def test_rm_scorer_on_a_saved_model(rm, tiny_tokenizer, tmp_path):
     assert mean == pytest.approx(sum(r["score_rm"] for r in rows) / 2)
 
 
+def test_score_replies_tokenises_as_training_did(rm, tiny_tokenizer, tmp_path):
+    """Best-of-N and the rm: judge score (prompt, reply) as the reward model's training saw pairs: a long prompt
+    keeps its last max_prompt_tokens, the reply is cut to what max_length leaves, EOS appended."""
+    rm.info.update(base_model="tiny", seed=0, append_eos=True, max_length=12, max_prompt_tokens=6)
+    rm.normalization = None
+    loaded = RewardModel.load(rm.save(tmp_path / "rm", tiny_tokenizer))
+    prompt, reply = "one two three four five six seven eight nine ten", " a reply that runs on and on and on"
+    eos = tiny_tokenizer.eos_token_id
+    p_ids = tiny_tokenizer(prompt)["input_ids"]
+    r_ids = tiny_tokenizer(prompt + reply)["input_ids"][len(p_ids):] + [eos]
+    assert len(p_ids) > 6 and len(r_ids) > 6  # both limits bite
+    expected = _direct_score(rm, p_ids[-6:] + r_ids[:6])
+    assert loaded.score_replies([prompt], [reply], normalized=False) == pytest.approx([expected], abs=1e-5)
+    assert loaded.score_texts([prompt + reply], normalized=False)[0] != pytest.approx(expected, abs=1e-3)
+
+
 def test_rm_scorer_without_eos_when_trained_without(rm, tiny_tokenizer, tmp_path):
     from preftune.eval.scorers import get_scorer
 

@@ -175,7 +175,9 @@ class HTTPJudge:
 
 
 class RewardModelJudge:
-    """``rm:PATH``: P(a better) = sigmoid(r(prompt, a) - r(prompt, b)) with the raw (unnormalised) rewards."""
+    """``rm:PATH``: P(a better) = sigmoid(r(prompt, a) - r(prompt, b)) with the raw (unnormalised) rewards. Each
+    distinct (prompt, reply) is scored once per judge: the other order, and an opponent every method meets (the
+    dataset's chosen reply), reuse its score (judging was ~4 forwards per comparison, now about one)."""
 
     mode = "logprobs"
 
@@ -185,20 +187,23 @@ class RewardModelJudge:
         path = s.spec.removeprefix("rm:")
         self.model = RewardModel.load(path)
         self.name, self.template_hash = f"rm:{Path(path).resolve()}", "-"
+        self.scores: dict[tuple[str, str], float] = {}
+        self.scored = 0  # forwards run (a test reads it)
+
+    def _score(self, pairs: list[tuple]) -> list[float]:
+        keys = [(p if isinstance(p, str) else json.dumps(p), r) for p, r in pairs]  # a prompt may be messages
+        new = {k: pair for k, pair in zip(keys, pairs) if k not in self.scores}
+        if new:
+            values = self.model.score_replies([p for p, _ in new.values()], [r for _, r in new.values()],
+                                              normalized=False)
+            self.scores.update(zip(new, values))
+            self.scored += len(new)
+        return [self.scores[k] for k in keys]
 
     def compare_many(self, items: list[Comparison], on_result=None) -> list[float | None]:
-        from preftune.data.schema import PreferencePair
-        from preftune.data.tokenize import tokenize_pair
-
-        info, tokenizer = self.model.info, self.model.tokenizer
-        limits = {"max_length": info.get("max_length", 512), "max_prompt_tokens": info.get("max_prompt_tokens", 256),
-                  "append_eos": info.get("append_eos", True)}
-        pairs = [tokenize_pair(tokenizer, PreferencePair(p, a, b, source=f"comparison:{i}"), **limits)
-                 for i, (p, a, b) in enumerate(items)]
-        prompts = [t.prompt_ids for t in pairs]
-        scores = self.model.score_ids(prompts * 2, [t.chosen_ids for t in pairs] + [t.rejected_ids for t in pairs],
-                                      normalized=False).tolist()
-        out = [1 / (1 + math.exp(scores[len(items) + i] - scores[i])) for i in range(len(items))]
+        a = self._score([(p, x) for p, x, _ in items])
+        b = self._score([(p, y) for p, _, y in items])
+        out = [1 / (1 + math.exp(rb - ra)) for ra, rb in zip(a, b)]
         for i, p in enumerate(out):
             if on_result is not None:
                 on_result(i, p)
@@ -256,3 +261,12 @@ def judge_both_orders(judge: Judge, cache: JudgmentCache, items: list[Comparison
     results = cache.judge(judge, list(items) + swapped)
     n = len(items)
     return [(results[i], None if results[n + i] is None else 1.0 - results[n + i]) for i in range(n)]
+
+
+def judge_swapped(judge: Judge, cache: JudgmentCache, items: list[Comparison]
+                  ) -> tuple[list[tuple[float | None, float | None]], list[float | None]]:
+    """:func:`judge_both_orders` and each comparison's swap-averaged P(x better) (None: an order failed)."""
+    from preftune.eval.judging import swap_average
+
+    orders = judge_both_orders(judge, cache, items)
+    return orders, [swap_average(a, b, judge.mode) for a, b in orders]

@@ -41,6 +41,19 @@ class WinRate:
         return dict(vars(self))
 
 
+def verdict(p: float | None, x: str = "x", y: str = "y") -> str:
+    """A combined P(x better than y) as a word: ``x``'s name, ``y``'s, "tie" or "fail"."""
+    return "fail" if p is None else x if p > 0.5 else y if p < 0.5 else "tie"
+
+
+def summarise(probs: list[float | None], lengths_x: list[int], lengths_y: list[int]) -> dict:
+    """x's win rate over y with its interval, the length-controlled win rate and both mean lengths (in words)."""
+    n = max(1, len(lengths_x))
+    return {**win_rate(probs).as_dict(), "length_controlled_win_rate": length_controlled_win_rate(probs, lengths_x,
+                                                                                                 lengths_y),
+            "mean_length": sum(lengths_x) / n, "mean_length_opponent": sum(lengths_y) / n}
+
+
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson's score interval for a proportion successes / n (a tie counts 1/2 a success)."""
     if n == 0:

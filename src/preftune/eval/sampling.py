@@ -33,12 +33,38 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+class RowSeededSampler:
+    """Sampling in which each row draws from its own seeded generator (``row_seeds``, one per row of the batch), by
+    the Gumbel-max trick: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T), after top-p
+    filtering when asked. A row's sample then does not depend on the rows beside it, the batch size or the process
+    it was generated in (data-parallel PPO splits its prompts across processes and must sample what one process
+    would), as far as its logits do not: exact in fp32 on a CPU; under bf16 or GPU kernels a row's logits move
+    slightly with its batch's padding, and a near-tie can then draw another token. Used as a logits processor
+    under greedy decoding."""
+
+    def __init__(self, row_seeds: list[int], temperature: float, top_p: float = 1.0):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative - ordered.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        return logits + gumbel.to(logits.device)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 32, batch_size: int = 32, seed: int = 0,
-             device: torch.device | None = None) -> list[Sample]:
+             device: torch.device | None = None, row_seeds: list[int] | None = None) -> list[Sample]:
     """``num_samples`` completions for each prompt (prompt-major order). Temperature 0 is greedy.
-    Seeded per batch, so results do not depend on what ran before.
+    Seeded per batch, so results do not depend on what ran before; with ``row_seeds`` (one per completion) each
+    completion is drawn from its own generator (:class:`RowSeededSampler`), independent of the batching.
 
     Samples come from the model's own distribution (the KL estimates and PPO rely on it): a model directory's
     ``generation_config.json`` is set aside for the call, since transformers fills every setting a call leaves
@@ -55,7 +81,8 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
         m.generation_config = GenerationConfig()
     try:
         return _generate(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device)
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
+                         row_seeds=row_seeds)
     finally:
         for m, config in shipped.items():
             m.generation_config = config
@@ -63,10 +90,15 @@ def generate(model, tokenizer, prompts: list, *, num_samples: int = 1, temperatu
 
 
 def _generate(model, tokenizer, prompts: list, *, num_samples: int, temperature: float, top_p: float,
-              max_new_tokens: int, batch_size: int, seed: int, device: torch.device) -> list[Sample]:
+              max_new_tokens: int, batch_size: int, seed: int, device: torch.device,
+              row_seeds: list[int] | None = None) -> list[Sample]:
+    from transformers import LogitsProcessorList
+
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     jobs = [(p, encode_prompt(tokenizer, p)) for p in prompts for _ in range(num_samples)]
+    if row_seeds is not None and len(row_seeds) != len(jobs):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(jobs)} completions")
     out: list[Sample] = []
     for b, start in enumerate(range(0, len(jobs), batch_size)):
         chunk = jobs[start:start + batch_size]
@@ -74,7 +106,10 @@ def _generate(model, tokenizer, prompts: list, *, num_samples: int, temperature:
         torch.manual_seed(seed * 100_003 + b)
         kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad,
                       eos_token_id=eos, use_cache=True)
-        if temperature > 0:
+        if temperature > 0 and row_seeds is not None:  # greedy over Gumbel-perturbed logits: a draw per row
+            sampler = RowSeededSampler(row_seeds[start:start + batch_size], temperature, top_p)
+            kwargs.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+        elif temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = generated[:, ids.shape[1]:].tolist()

@@ -316,8 +316,9 @@ class LogpsModule(nn.Module):
 
 
 def module_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """``batch_logps`` of a model, or of the DDP-wrapped ``LogpsModule`` a multi-process step calls."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """``batch_logps`` of a model, or of the DDP-wrapped or FSDP2-sharded ``LogpsModule`` a multi-process step
+    calls."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, LogpsModule)):
         return SequenceLogps(*model(batch))
     return batch_logps(model, batch)
 

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from preftune.data.collate import batch_to, collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.models.logprobs import SequenceLogps, autocast_context, batch_logps, completion_counts, sequence_logps
+from preftune.models.logprobs import (LogpsModule, SequenceLogps, autocast_context, batch_logps, completion_counts,
+                                      module_logps)
 from preftune.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,19 @@ class FrozenReference:
     matmuls bit for bit, half their memory, and no per-step casts. The LM head (fp32 log-probs), embeddings and
     norms keep their dtype. Calling such a reference outside bf16 autocast fails loudly (a dtype mismatch)."""
 
-    def __init__(self, model: torch.nn.Module, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32", shard=None):
         self.model = model.eval().requires_grad_(False)
-        if precision == "bf16":
+        self.module = None  # ``shard`` (FSDP2): the reference sharded like the policy, called as one module
+        if shard is not None:
+            self.module = shard(LogpsModule(self.model))  # FSDP keeps one parameter dtype per unit: no bf16 store
+        elif precision == "bf16":
             store_linear_weights_bf16(self.model)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         assert not self.model.training, "the reference model must stay in eval mode"
+        if self.module is not None:
+            return SequenceLogps(*self.module(batch))
         return batch_logps(self.model, batch)
 
 
@@ -160,10 +166,30 @@ def compute_logps(model: torch.nn.Module, items: list[TokenizedPair], pad_id: in
         chunk = items[start:start + batch_size]
         batch = batch_to(collate_pairs(chunk, pad_id), device)
         with autocast_context(device, precision):
-            logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).logps
+            logps = module_logps(model, batch).logps  # a model, or its sharded LogpsModule
         n = len(chunk)
         out.append(torch.stack([logps[:n], logps[n:]], dim=1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def shared_logps(model: torch.nn.Module, items: list[TokenizedPair], procs, pad_id: int, batch_size: int,
+                 device: torch.device, precision: str) -> torch.Tensor:
+    """:func:`compute_logps` with the pairs shared out over ``procs``: each process computes every world-th pair
+    (its share padded to the same length, so that every process runs as many forwards: under FSDP2 each is a
+    collective), and the shares are gathered back into the pairs' order on every process."""
+    if procs is None or procs.world == 1:
+        return compute_logps(model, items, pad_id, batch_size, device, precision)
+    world, rank = procs.world, procs.rank
+    per = -(-len(items) // world)
+    share = items[rank::world]
+    mine = compute_logps(model, share + [items[0]] * (per - len(share)), pad_id, batch_size, device, precision)
+    everyone = procs.gather(mine)  # (world * per, 2), process by process
+    full = torch.empty(len(items), 2)
+    for r in range(world):
+        positions = list(range(r, len(items), world))
+        full[positions] = everyone[r * per:r * per + len(positions)]
+    log.info("process %d computed %d of %d reference log-probs", rank, len(share), len(items))
+    return full
 
 
 def annotate(items: list[TokenizedPair], logps: torch.Tensor) -> list[TokenizedPair]:
@@ -173,9 +199,14 @@ def annotate(items: list[TokenizedPair], logps: torch.Tensor) -> list[TokenizedP
 
 def precompute(splits: dict[str, list[TokenizedPair]], *, load_model: Callable[[], torch.nn.Module],
                weights: str, tokenizer, settings: dict, pad_id: int, batch_size: int, device: torch.device,
-               precision: str, root: Path | None = None) -> dict[str, list[TokenizedPair]]:
+               precision: str, root: Path | None = None, procs=None,
+               prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> dict[str, list[TokenizedPair]]:
     """Annotate each split's items with cached reference log-probs, computing (and caching) what is missing.
-    The model is loaded only on a cache miss and freed before returning."""
+    The model is loaded only on a cache miss (``prepare``d: sharded under FSDP2) and freed before returning.
+
+    Several processes (``procs``): process 0 decides whether the cache holds a split and reads it, or every
+    process computes its share (:func:`shared_logps`) and process 0 writes the cache; the log-probs reach the
+    others through the process group, so the cache directory need not be shared between machines."""
     root = Path(root) if root else cache_dir() / "reference"
     root.mkdir(parents=True, exist_ok=True)
     settings = dict(settings, precision=precision)
@@ -187,16 +218,27 @@ def precompute(splits: dict[str, list[TokenizedPair]], *, load_model: Callable[[
             continue
         key = cache_key(weights=weights, tokenizer=tokenizer, settings=settings, items=items)
         path = root / f"{key}.safetensors"
-        if path.is_file():
-            log.info("reference log-probs for %s: reusing cache %s", name, path)
-            logps = load_file(str(path))["logps"]
+        main = procs is None or procs.is_main
+        cached = path.is_file() if main else None
+        if procs is not None:
+            cached = procs.broadcast(cached)
+        if cached:
+            if main:
+                log.info("reference log-probs for %s: reusing cache %s", name, path)
+            logps = load_file(str(path))["logps"] if main else None
+            if procs is not None:
+                logps = procs.broadcast(logps)
         else:
-            log.info("reference log-probs for %s: computing %d pairs (cache %s)", name, len(items), path)
-            model = model if model is not None else load_model().to(device)
-            logps = compute_logps(model, items, pad_id, batch_size, device, precision)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"logps": logps.contiguous()}, str(tmp), metadata={"weights": weights, "pairs": str(len(items))})
-            os.replace(tmp, path)
+            if main:
+                log.info("reference log-probs for %s: computing %d pairs (cache %s)", name, len(items), path)
+            if model is None:  # ``prepare`` (FSDP2) shards it onto the device from host memory
+                model = prepare(load_model()) if prepare is not None else load_model().to(device)
+            logps = shared_logps(model, items, procs, pad_id, batch_size, device, precision)
+            if main:
+                tmp = path.with_name(f".{path.name}.tmp")
+                save_file({"logps": logps.contiguous()}, str(tmp),
+                          metadata={"weights": weights, "pairs": str(len(items))})
+                os.replace(tmp, path)
         out[name] = annotate(items, logps)
     if model is not None:
         del model

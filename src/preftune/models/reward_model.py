@@ -151,6 +151,22 @@ class RewardModel(nn.Module):
         return self.score_sequences([self.encode_text(t) for t in texts], normalized=normalized,
                                     batch_size=batch_size).tolist()
 
+    def score_replies(self, prompts: Sequence, replies: Sequence[str], *, normalized: bool = True,
+                      batch_size: int = 32) -> list[float]:
+        """Scores of (prompt, reply) pairs tokenised as this model's training tokenised its pairs: the prompt kept to
+        its last ``max_prompt_tokens``, the reply cut to fit ``max_length``, EOS appended when training did."""
+        from preftune.data.schema import SFTExample
+        from preftune.data.tokenize import tokenize_example
+
+        if self.tokenizer is None:
+            raise ValueError("this reward model has no tokenizer (load it with RewardModel.load)")
+        limits = {"max_length": self.info.get("max_length", 512), "max_prompt_tokens": self.info.get(
+            "max_prompt_tokens", 256), "append_eos": self.info.get("append_eos", True)}
+        rows = [tokenize_example(self.tokenizer, SFTExample(p, r, source=f"reply:{i}"), **limits)
+                for i, (p, r) in enumerate(zip(prompts, replies, strict=True))]
+        return self.score_ids([t.prompt_ids for t in rows], [t.completion_ids for t in rows], normalized=normalized,
+                              batch_size=batch_size).tolist()
+
     # ------------------------------------------------------------------ disk
     def config_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **self.info, "hidden_size": self.hidden_size,

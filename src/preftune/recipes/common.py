@@ -97,6 +97,15 @@ def print_result(result: dict) -> int:
     return 0
 
 
+def _fresh_policy(cfg, trained):
+    """An unsharded model shaped like ``trained`` (LoRA-wrapped when it is) for its gathered weights."""
+    from preftune.models.load import load_causal_lm
+    from preftune.models.lora import apply_lora, is_peft_model
+
+    model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
+    return apply_lora(model, cfg.lora, seed=cfg.train.seed) if is_peft_model(trained) else model
+
+
 def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None:
     """The end of a policy-training run (DPO, SFT): process 0 saves RUN/policy and plots the metrics around one
     barrier."""
@@ -104,8 +113,14 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
     from preftune.models.save import save_policy
     from preftune.train.rundir import read_metrics
 
-    if procs.is_main and cfg.train.save_final:
-        save_policy(cfg, policy, tokenizer, run_dir)
+    from preftune.train.runtime import peak_memory_gb
+
+    log.info("process %d of %d (%s): %s", procs.rank, procs.world, procs.sharding if procs.world > 1 else "one",
+             ", ".join(f"{k} {v:.2f}" for k, v in peak_memory_gb(next(policy.parameters()).device).items()))
+    if cfg.train.save_final:
+        whole = procs.unsharded(policy, lambda: _fresh_policy(cfg, policy), "model.")
+        if procs.is_main:
+            save_policy(cfg, whole, tokenizer, run_dir)
     procs.barrier()
     if procs.is_main and cfg.run.plot:
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind=kind)

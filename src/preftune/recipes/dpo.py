@@ -23,7 +23,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     from preftune.data.splits import load_tokenized_pairs
     from preftune.models.load import load_tokenizer
     from preftune.models.logprobs import LogpsModule
-    from preftune.train.distributed import Processes
+    from preftune.train.distributed import Processes, check_sharding
     from preftune.train.layout import resolve_layout
     from preftune.train.loop import fit
     from preftune.train.objectives import dpo_step, evaluate_pairs, loss_from_config, pair_weight
@@ -33,7 +33,8 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     setup_threads(cfg)
     loss_fn = loss_from_config(cfg)
     resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
-    procs = Processes.from_env(cfg.train.device)
+    procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
+    check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "dpo", resume)
@@ -49,11 +50,12 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     collate = pair_collator(layout)
     pad_id = tokenizer.pad_token_id
     sft_weight = cfg.dpo.sft_weight
+    stepped = procs.wrap(LogpsModule(policy)) if procs.world > 1 else policy
+    evaluated = stepped if procs.sharding == "fsdp2" else policy  # sharded: only the root's forward gathers it
     eval_fn = None
     if eval_items:
-        eval_fn = functools.partial(evaluate_pairs, policy, reference, loss_fn, eval_items, pad_id,
+        eval_fn = functools.partial(evaluate_pairs, evaluated, reference, loss_fn, eval_items, pad_id,
                                     cfg.train.eval_batch_size, device, sft_weight, precision, collate, procs)
-    stepped = procs.wrap(LogpsModule(policy)) if procs.world > 1 else policy
     result = fit(
         model=policy, items=train_items, collate=functools.partial(collate, pad_id=pad_id),
         step_fn=functools.partial(dpo_step, stepped, reference, loss_fn, sft_weight),

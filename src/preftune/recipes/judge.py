@@ -94,8 +94,8 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
 
     from preftune.config import save_config
     from preftune.data.records import write_jsonl
-    from preftune.eval.judges import JudgmentCache, build_judge, judge_both_orders
-    from preftune.eval.judging import judge_card, length_controlled_win_rate, swap_average, win_rate
+    from preftune.eval.judges import JudgmentCache, build_judge, judge_swapped
+    from preftune.eval.judging import judge_card, summarise, verdict
     from preftune.train.rundir import atomic_write_text
 
     items, labelled, sources, skipped = _read(cfg, path)
@@ -103,12 +103,11 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml", command="judge")
     judge = build_judge(cfg.judge)
-    orders = judge_both_orders(judge, JudgmentCache(out / "judgments.jsonl"), items)
-    combined = [swap_average(a, b, judge.mode) for a, b in orders]
+    orders, combined = judge_swapped(judge, JudgmentCache(out / "judgments.jsonl"), items)
     lengths = [(len(x.split()), len(y.split())) for _, x, y in items]
     write_jsonl(out / "comparisons.jsonl", (
         {"source": src, "prompt": p, "a": x, "b": y, "p_a_first": pf, "p_a_second": ps, "p": pc,
-         "verdict": "fail" if pc is None else "a" if pc > 0.5 else "b" if pc < 0.5 else "tie"}
+         "verdict": verdict(pc, "a", "b")}
         for src, (p, x, y), (pf, ps), pc in zip(sources, items, orders, combined)))
     if labelled:
         card = judge_card([a for a, _ in orders], [b for _, b in orders], [lx for lx, _ in lengths],
@@ -116,11 +115,9 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
         result = {"judge": judge.name, "data": str(path), "skipped": skipped, **card}
         name = "judge_card.json"
     else:
-        rate = win_rate(combined)
-        result = {"judge": judge.name, "data": str(path), "skipped": skipped, **rate.as_dict(),
-                  "length_controlled_win_rate": length_controlled_win_rate(combined, *zip(*lengths)),
-                  "mean_length_a": sum(lx for lx, _ in lengths) / len(lengths),
-                  "mean_length_b": sum(ly for _, ly in lengths) / len(lengths)}
+        stats = summarise(combined, [lx for lx, _ in lengths], [ly for _, ly in lengths])
+        stats["mean_length_a"], stats["mean_length_b"] = stats.pop("mean_length"), stats.pop("mean_length_opponent")
+        result = {"judge": judge.name, "data": str(path), "skipped": skipped, **stats}
         name = "winrate.json"
     atomic_write_text(out / name, json.dumps(result, indent=2))
     log.info("wrote %s, comparisons.jsonl and judgments.jsonl in %s", name, out)

@@ -42,7 +42,7 @@ class PPOTrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast for the transformer body; log-probs are always fp32)
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     progress: bool = True  # one log line per iteration
-    optimizer: str = "adamw"  # rmsprop | adamw (PPO's default: adamw)
+    optimizer: str = "adamw"  # rmsprop | adamw | sgd (PPO's default: adamw)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     keep_checkpoints: int = 2
@@ -136,29 +136,25 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     gradients); a returned dict is logged as ``eval/<key>``. ``scorer`` (any ``texts -> scores`` callable)
     replaces ``ppo.scorer``; ``prompts`` replaces ``ppo.prompts`` (written to RUN/prompts.jsonl)."""
     from preftune import faults
-    from preftune.data.records import write_jsonl
     from preftune.rl.ppo_steps import run_eval_hook, run_iteration
-    from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from preftune.train.distributed import single_process_only
+    from preftune.train.checkpoint import latest_checkpoint, load_checkpoint
     from preftune.train.loop import DataOrder
-    from preftune.train.rundir import MetricsWriter, make_run_dir
+    from preftune.train.rundir import MetricsWriter
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
 
-    single_process_only("ppo")
     check_config(cfg)
     setup_threads(cfg)
     s = cfg.ppo
+    procs = _processes(cfg)
     scorer = _resolve_scorer(cfg, scorer)
-    run_dir = Path(cfg.run.dir) if resume else make_run_dir(cfg, "ppo")
-    if prompts is not None and not resume:
-        write_jsonl(run_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
-        s.prompts, s.num_prompts = str(run_dir / "prompts.jsonl"), len(prompts)
-        save_config(cfg, run_dir / "config.yaml", command="ppo")
-    prompts = load_prompts(s, cfg.train.seed)
-    device = pick_device(cfg)
+    run_dir = procs.run_dir(cfg, "ppo", resume)
+    prompts = _prompts(cfg, procs, run_dir, prompts, resume)
+    device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     tokenizer, model, reference, optimizer, scheduler, kl_ctl = _build(cfg, device)
-    order, metrics, iteration = DataOrder(len(prompts), cfg.train.seed), MetricsWriter(run_dir / "metrics.jsonl"), 0
+    stepped = procs.wrap(model) if procs.world > 1 else model
+    order, iteration = DataOrder(len(prompts), cfg.train.seed), 0
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -167,17 +163,18 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     if resume:
         metrics.truncate_after(iteration)
     model.train()
-    log.info("PPO on %s: %d prompts, scorer=%s, device=%s precision=%s, %d iterations x %d prompts",
-             cfg.model, len(prompts), s.scorer, device, precision, s.iterations, s.batch_size)
-    save = functools.partial(save_checkpoint, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+    log.info("PPO on %s: %d prompts, scorer=%s, device=%s precision=%s, %d iterations x %d prompts%s",
+             cfg.model, len(prompts), s.scorer, device, precision, s.iterations, s.batch_size,
+             f" over {procs.world} processes" if procs.world > 1 else "")
+    save = functools.partial(_save_checkpoint, procs, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                              keep=cfg.train.keep_checkpoints)
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     try:
         while iteration < s.iterations:
             iteration += 1
-            last = run_iteration(model, reference, tokenizer, scorer, [prompts[i] for i in order.take(s.batch_size)],
-                                 cfg, kl_ctl, optimizer, scheduler, iteration, device, precision)
+            last = run_iteration(stepped, reference, tokenizer, scorer, [prompts[i] for i in order.take(s.batch_size)],
+                                 cfg, kl_ctl, optimizer, scheduler, iteration, device, precision, procs)
             metrics.write({"step": iteration, **last})
             log.log(logging.INFO if cfg.train.progress else logging.DEBUG, "iteration %d/%d  %s", iteration,
                     s.iterations, "  ".join(f"{k}={last[k]:.4g}" for k in ("reward", "kl", "kl_coef", "entropy",
@@ -191,8 +188,48 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
         save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
     finally:
         metrics.close()
-    _save_outputs(cfg, model, tokenizer, run_dir)
+    if procs.is_main:
+        _save_outputs(cfg, model, tokenizer, run_dir)
+    procs.barrier()
     return {"run_dir": str(run_dir), "iterations": iteration, "train": last, "eval": last_eval}
+
+
+def _processes(cfg: PPORunConfig):
+    """This process's view of a data-parallel PPO run (an FSDP launch, or too small a minibatch, refused)."""
+    from preftune.train.distributed import Processes
+
+    procs = Processes.from_env(cfg.train.device)
+    if procs.sharding != "none":
+        raise ConfigError("preftune ppo runs data parallel (every process holds the whole policy); an FSDP launch "
+                          "config does not apply to it: launch it without one")
+    if cfg.ppo.minibatch_size < procs.world:
+        raise ConfigError(f"config key 'ppo.minibatch_size' ({cfg.ppo.minibatch_size}) is smaller than the number "
+                          f"of processes ({procs.world}): each process takes a share of every minibatch")
+    return procs
+
+
+def _prompts(cfg: PPORunConfig, procs, run_dir: Path, prompts: list[str] | None, resume: bool) -> list[str]:
+    """The training prompts: ``prompts`` given in-process are written to RUN/prompts.jsonl (by process 0) and
+    become ``ppo.prompts``; then read as configured."""
+    from preftune.data.records import write_jsonl
+
+    s = cfg.ppo
+    if prompts is not None and not resume:
+        s.prompts, s.num_prompts = str(run_dir / "prompts.jsonl"), len(prompts)
+        if procs.is_main:
+            write_jsonl(run_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
+            save_config(cfg, run_dir / "config.yaml", command="ppo")
+        procs.barrier()
+    return load_prompts(s, cfg.train.seed)
+
+
+def _save_checkpoint(procs, run_dir: Path, **kwargs) -> None:
+    """Process 0 writes the checkpoint (every process holds the same weights and state); the others wait."""
+    from preftune.train.checkpoint import save_checkpoint
+
+    if procs.is_main:
+        save_checkpoint(run_dir, **kwargs)
+    procs.barrier()
 
 
 

@@ -80,14 +80,15 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     from preftune.data.splits import load_tokenized_pairs
     from preftune.models.load import load_tokenizer
     from preftune.models.reward_model import build_reward_model, training_normalization
-    from preftune.train.distributed import Processes
+    from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
     from preftune.train.objectives import evaluate_reward, pair_weight, reward_step
     from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
     check_config(cfg)
     setup_threads(cfg)
-    procs = Processes.from_env(cfg.train.device)
+    procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
+    check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "reward", resume)
@@ -100,14 +101,14 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     d = cfg.data
     model.info.update(base_model=cfg.model, append_eos=d.append_eos,
                       max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens)
-    model = model.to(device)
+    model = model.to(procs.load_device(device))  # FSDP2: sharded onto the device by procs.wrap
     prepare_for_training(model.backbone, cfg)
     pad_id = tokenizer.pad_token_id
+    stepped = procs.wrap(model) if procs.world > 1 else model  # FSDP2 shards it in place: stepped is model
     eval_fn = None
     if eval_items:
-        eval_fn = functools.partial(evaluate_reward, model, eval_items, pad_id, cfg.train.eval_batch_size,
-                                    device, precision, procs)
-    stepped = procs.wrap(model) if procs.world > 1 else model
+        eval_fn = functools.partial(evaluate_reward, stepped if procs.sharding == "fsdp2" else model, eval_items,
+                                    pad_id, cfg.train.eval_batch_size, device, precision, procs)
     result = fit(model=model, items=train_items, collate=functools.partial(collate_pairs, pad_id=pad_id),
                  step_fn=functools.partial(reward_step, stepped), weight_fn=pair_weight,
                  cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn, resume=resume, device=device,
@@ -115,11 +116,23 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     model.normalization = (training_normalization(model, train_items, cfg.train.eval_batch_size)
                            if cfg.reward.normalize else None)
     path = run_dir / "reward_model"
+    whole = procs.unsharded(model, lambda: _fresh_reward_model(cfg, model))
     if procs.is_main:
-        model.save(path, tokenizer)
+        whole.save(path, tokenizer)
     procs.barrier()
     return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval,
             "reward_model": str(path), "normalization": model.normalization}
+
+
+def _fresh_reward_model(cfg: RewardRunConfig, trained):
+    """An unsharded reward model of ``trained``'s shape carrying its info and normalisation (the weights are loaded
+    into it by ``Processes.unsharded``)."""
+    from preftune.models.reward_model import build_reward_model
+
+    fresh = build_reward_model(cfg.model, seed=cfg.train.seed, head_init=cfg.reward.head_init,
+                               trust_remote_code=cfg.trust_remote_code)
+    fresh.info, fresh.normalization, fresh.tokenizer = dict(trained.info), trained.normalization, trained.tokenizer
+    return fresh
 
 
 CONFIG = RewardRunConfig  # this command's config (configs/*.yaml that name `command: reward` parse with it)

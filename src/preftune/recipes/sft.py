@@ -44,13 +44,14 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.models.lora import apply_lora
-    from preftune.train.distributed import Processes
+    from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
     from preftune.train.objectives import evaluate_examples, sft_step, token_weight
     from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
     setup_threads(cfg)
-    procs = Processes.from_env(cfg.train.device)
+    procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
+    check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer)
     run_dir = procs.run_dir(cfg, "sft", resume)
@@ -61,13 +62,13 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    model = prepare_for_training(model.to(device), cfg)
+    model = prepare_for_training(model.to(procs.load_device(device)), cfg)
     pad_id = tokenizer.pad_token_id
-    eval_fn = None
-    if eval_items:
-        eval_fn = functools.partial(evaluate_examples, model, eval_items, pad_id, cfg.train.eval_batch_size, device,
-                                    procs)
     stepped = procs.wrap(LogpsModule(model)) if procs.world > 1 else model
+    eval_fn = None
+    if eval_items:  # sharded: only the root's forward gathers it
+        eval_fn = functools.partial(evaluate_examples, stepped if procs.sharding == "fsdp2" else model, eval_items,
+                                    pad_id, cfg.train.eval_batch_size, device, procs)
     result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
                  step_fn=functools.partial(sft_step, stepped), weight_fn=token_weight, cfg=cfg.train,
                  run_dir=run_dir, eval_fn=eval_fn, resume=resume, device=device, precision=precision, procs=procs)

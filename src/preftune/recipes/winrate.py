@@ -115,6 +115,19 @@ class _Experiment:
     def all_temperatures(self, model, prompts: list[str] | None = None) -> dict[str, list[str]]:
         return {str(t): self.replies(model, t, prompts) for t in _floats(self.w.temperatures)}
 
+    def sampled(self, name: str, key: dict, sample) -> dict[str, list[str]]:
+        """Replies that no training run holds (best-of-N, the 2-shot base), kept in RUN/runs/NAME/result.json
+        under their settings, so that re-running into the same ``--out`` reuses them."""
+        from preftune.recipes.common import reused_or_run
+
+        run_dir = self.root / "runs" / name
+
+        def compute():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return sample()
+
+        return reused_or_run(run_dir, {**self.common, **key}, compute)
+
     def train_run(self, name: str, run, base, overrides: list[str], key: dict, after=None) -> dict:
         """A training run (reused when finished under the same settings); ``after(run_dir)`` samples from it
         before its checkpoints are dropped."""
@@ -155,8 +168,7 @@ def _best_of_n(exp: _Experiment, sft_policy: str, rm_path: str) -> dict[str, lis
     for t in _floats(exp.w.temperatures):
         n = 1 if t == 0 else exp.w.best_of_n
         replies = exp.replies(model, t, n=n)
-        scores = rm.score_texts([prompt + reply for k, prompt in enumerate(exp.prompts)
-                                 for reply in replies[k * n:(k + 1) * n]], normalized=False)
+        scores = rm.score_replies([p for p in exp.prompts for _ in range(n)], replies, normalized=False)
         out[str(t)] = [replies[k * n + max(range(n), key=lambda j, k=k: scores[k * n + j])]
                        for k in range(len(exp.prompts))]
     return out
@@ -207,23 +219,20 @@ def _two_shot(exp: _Experiment) -> dict[str, list[str]]:
 def _points(exp: _Experiment, judge, cache, methods: dict[str, dict[str, list[str]]], step: int | None = None
             ) -> tuple[list[dict], list[dict]]:
     """Win rates against the chosen replies: one point per (method, temperature), and every comparison's row."""
-    from preftune.eval.judges import judge_both_orders
-    from preftune.eval.judging import length_controlled_win_rate, swap_average, win_rate
+    from preftune.eval.judges import judge_swapped
+    from preftune.eval.judging import summarise, verdict
 
     points, rows = [], []
     chosen = [c for _, c in exp.split.test]
     for method, by_temperature in methods.items():
         for temperature, replies in by_temperature.items():
             items = [(p, r or " ", c) for p, r, c in zip(exp.prompts, replies, chosen)]
-            orders = judge_both_orders(judge, cache, items)
-            combined = [swap_average(a, b, judge.mode) for a, b in orders]
-            lengths = [len(r.split()) for _, r, _ in items], [len(c.split()) for c in chosen]
-            rate = win_rate(combined)
-            points.append({"method": method, "temperature": float(temperature), "step": step, **rate.as_dict(),
-                           "length_controlled_win_rate": length_controlled_win_rate(combined, *lengths),
-                           "mean_length": sum(lengths[0]) / len(lengths[0])})
+            orders, combined = judge_swapped(judge, cache, items)
+            stats = summarise(combined, [len(r.split()) for _, r, _ in items], [len(c.split()) for c in chosen])
+            points.append({"method": method, "temperature": float(temperature), "step": step, **stats})
             rows += [{"method": method, "temperature": float(temperature), "step": step, "prompt": p, "reply": r,
-                      "chosen": c, "p_reply_first": a, "p_reply_second": b, "p": pc}
+                      "chosen": c, "p_reply_first": a, "p_reply_second": b, "p": pc,
+                      "verdict": verdict(pc, "reply", "chosen")}
                      for (p, r, c), (a, b), pc in zip(items, orders, combined)]
     return points, rows
 
@@ -297,12 +306,14 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     policy_rm = exp.train_run("policy-rm", run_reward, RewardRunConfig(),
                               [f"data.train={root / 'train-policy-rm.jsonl'}", *rm_overrides],
                               {"rm": "policy", "steps": w.reward_steps})
-    methods[f"best-of-{w.best_of_n}"] = _best_of_n(exp, sft_policy, policy_rm["result"]["reward_model"])
+    methods[f"best-of-{w.best_of_n}"] = exp.sampled(  # kept like a run: a re-run does not sample them again
+        "best-of-n", {"n": w.best_of_n, "sft": w.sft_steps, "rm": w.reward_steps},
+        lambda: _best_of_n(exp, sft_policy, policy_rm["result"]["reward_model"]))
     if w.ppo_iterations:
         ppo = _ppo(exp, sft_policy, policy_rm["result"]["reward_model"])
         methods["PPO"], curves["PPO"] = ppo["samples"], ppo["curve"]
     if w.two_shot:
-        methods["2-shot base"] = _two_shot(exp)
+        methods["2-shot base"] = exp.sampled("two-shot", {"two_shot": True}, lambda: _two_shot(exp))
     if not cfg.judge.spec:  # the judge: a reward model on the other half of the training pairs
         judge_rm = exp.train_run("judge-rm", run_reward, RewardRunConfig(),
                                  [f"data.train={root / 'train-judge-rm.jsonl'}", *rm_overrides],

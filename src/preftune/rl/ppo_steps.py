@@ -80,21 +80,41 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, T)
 
 
+def _sample_and_score(model: PolicyWithValue, tokenizer, scorer, prompts: list[str], s: PPOSettings, seed: int,
+                      device: torch.device, precision: str, procs=None) -> tuple[list, list[float]]:
+    """One completion per prompt and its score. Each completion is drawn from its own seeded generator (row
+    seeds), so several processes can each sample and score every N-th prompt and gather exactly the samples one
+    process would have drawn, back in the prompts' order."""
+    from preftune.data.schema import review_text
+    from preftune.eval.sampling import generate
+
+    world, rank = (procs.world, procs.rank) if procs is not None else (1, 0)
+    mine = list(range(rank, len(prompts), world))
+    with autocast_context(device, precision):
+        samples = generate(model.policy, tokenizer, [prompts[i] for i in mine], temperature=s.temperature,
+                           max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch_size, seed=seed,
+                           device=device, row_seeds=[seed * 100_003 + i for i in mine])
+    score_samples = getattr(scorer, "score_samples", None)  # a reward model scores the sampled tokens themselves
+    values = (score_samples(samples, tokenizer) if score_samples is not None
+              else scorer([review_text(x.prompt, x.completion) for x in samples]))
+    scored = [(x, float(v)) for x, v in zip(samples, values)]
+    if world == 1:
+        return [x for x, _ in scored], [v for _, v in scored]
+    shares = procs.gather_objects(scored)  # process r holds prompts r, r + world, ...
+    ordered = [shares[i % world][i // world] for i in range(len(prompts))]
+    return [x for x, _ in ordered], [v for _, v in ordered]
+
+
 @torch.no_grad()
 def rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, scorer, prompts: list[str], s: PPOSettings,
-            seed: int, device: torch.device, precision: str) -> Rollout:
-    """Sample, score, and compute old log-probs, reference log-probs, values and entropy (no gradients)."""
-    from preftune.eval.sampling import generate
+            seed: int, device: torch.device, precision: str, procs=None) -> Rollout:
+    """Sample, score, and compute old log-probs, reference log-probs, values and entropy (no gradients). Several
+    processes (``procs``) share the sampling and scoring; each then holds the whole rollout."""
     from preftune.data.schema import review_text
 
-    with autocast_context(device, precision):
-        samples = generate(model.policy, tokenizer, prompts, temperature=s.temperature,
-                           max_new_tokens=s.max_new_tokens, batch_size=s.generation_batch_size, seed=seed,
-                           device=device)
+    samples, values = _sample_and_score(model, tokenizer, scorer, prompts, s, seed, device, precision, procs)
     texts = [review_text(x.prompt, x.completion) for x in samples]
-    score_samples = getattr(scorer, "score_samples", None)  # a reward model scores the sampled tokens themselves
-    values = score_samples(samples, tokenizer) if score_samples is not None else scorer(texts)
-    scores = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+    scores = torch.tensor(values, dtype=torch.float32, device=device)
     batch = {k: v.to(device) for k, v in build_batch(samples, tokenizer.pad_token_id).items()}
     n_cols, head = batch["mask"].shape[1], model.policy.get_output_embeddings()
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref": [], "entropy": []}
@@ -126,41 +146,53 @@ def compute_advantages(r: Rollout, kl_coef: float, s: PPOSettings) -> torch.Tens
 
 
 def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOSettings, max_grad_norm: float,
-               generator: torch.Generator, device: torch.device, precision: str) -> dict[str, torch.Tensor]:
-    """``ppo_epochs`` passes of shuffled minibatch steps over the rollout. Returns per-step means as tensors."""
+               generator: torch.Generator, device: torch.device, precision: str, procs=None) -> dict[str, torch.Tensor]:
+    """``ppo_epochs`` passes of shuffled minibatch steps over the rollout. Returns per-step means as tensors.
+
+    Several processes (``procs``, ``model`` DDP-wrapped): every process holds the whole rollout and draws the same
+    minibatches; each takes every N-th row of a minibatch, and its token-mean losses are weighted by its share of
+    the minibatch's tokens (x N, as DDP averages the gradients), so the update is one process's."""
+    world, rank = (procs.world, procs.rank) if procs is not None else (1, 0)
     b, mask = r.batch, r.batch["mask"]
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     for _ in range(s.ppo_epochs):
         for idx in torch.randperm(mask.shape[0], generator=generator).split(s.minibatch_size):
-            idx = idx.to(device)
+            share = idx[rank::world].to(device)
             with autocast_context(device, precision):
-                logprobs, values, _ = model(b["input_ids"][idx], b["attention_mask"][idx], b["labels"][idx],
+                logprobs, values, _ = model(b["input_ids"][share], b["attention_mask"][share], b["labels"][share],
                                             mask.shape[1])
             policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
-                logprobs, r.logprobs[idx], r.advantages[idx], mask[idx], s.clip_range)
+                logprobs, r.logprobs[share], r.advantages[share], mask[share], s.clip_range)
             value_loss, value_clip_fraction = clipped_value_loss(
-                values, r.values[idx], r.returns[idx], mask[idx], s.clip_range_value)
+                values, r.values[share], r.returns[share], mask[share], s.clip_range_value)
+            weight = mask[share].sum() / mask[idx.to(device)].sum().clamp(min=1)  # this share of the tokens
             optimizer.zero_grad(set_to_none=True)
-            (policy_loss + s.vf_coef * value_loss).backward()
+            ((policy_loss + s.vf_coef * value_loss) * (weight * world)).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
             optimizer.step()
             scheduler.step()
-            step_stats = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction,
-                          "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl, "grad_norm": grad_norm}
-            for name, value in step_stats.items():
+            shared = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction,
+                      "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl}
+            for name, value in {**{k: v * weight for k, v in shared.items()}, "grad_norm": grad_norm}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             steps += 1
+    if world > 1:  # the token-weighted shares add up to each minibatch's mean (grad_norm is already global)
+        names = [n for n in sums if n != "grad_norm"]
+        total = procs.sum(torch.stack([sums[n] for n in names]))
+        sums.update({n: total[i] for i, n in enumerate(names)})
     return {name: total / steps for name, total in sums.items()}
 
 
 def run_iteration(model, reference, tokenizer, scorer, prompts, cfg, kl_ctl, optimizer, scheduler,
-                  iteration: int, device: torch.device, precision: str) -> dict[str, float]:
-    """One rollout -> advantages -> update round; returns its metrics (the one sync point of the iteration)."""
+                  iteration: int, device: torch.device, precision: str, procs=None) -> dict[str, float]:
+    """One rollout -> advantages -> update round; returns its metrics (the one sync point of the iteration).
+    Several processes: ``model`` is DDP-wrapped, and the metrics are the same on every process."""
     s, seed = cfg.ppo, cfg.train.seed * 1_000_003 + 2 * iteration  # per-iteration seeds: resume is exact
     start = time.perf_counter()
-    r = rollout(model, reference, tokenizer, scorer, prompts, s, seed, device, precision)
+    inner = getattr(model, "module", model)  # sampling and the no-grad passes need no DDP
+    r = rollout(inner, reference, tokenizer, scorer, prompts, s, seed, device, precision, procs)
     kl_coef = kl_ctl.value
     compute_advantages(r, kl_coef, s)
     mask = r.batch["mask"]
@@ -168,7 +200,8 @@ def run_iteration(model, reference, tokenizer, scorer, prompts, cfg, kl_ctl, opt
     rollout_s = time.perf_counter() - start
     lr = scheduler.get_last_lr()[0]
     generator = torch.Generator().manual_seed(seed + 1)
-    update = ppo_update(model, optimizer, scheduler, r, s, cfg.train.max_grad_norm, generator, device, precision)
+    update = ppo_update(model, optimizer, scheduler, r, s, cfg.train.max_grad_norm, generator, device, precision,
+                        procs)
     elapsed = time.perf_counter() - start
     kl = seq_kl.mean().item()
     kl_ctl.update(kl, n_steps=mask.shape[0])

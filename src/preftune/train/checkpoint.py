@@ -6,6 +6,10 @@ atomically, so a crash at any moment leaves the previous checkpoint usable.
 
 Layout: ``RUN/checkpoints/step-000010/{model.safetensors, optimizer.safetensors, rng.safetensors,
 trainer_state.json}`` and ``RUN/checkpoints/latest`` (a one-line file naming the directory).
+
+Sharded (FSDP2) runs write one ``{model,optimizer,rng}.rank-R-of-N.safetensors`` per process: each process's own
+shards of the weights and optimizer state, nothing gathered. They resume on the same number of processes (another
+number is refused: the shards are cut for N).
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from preftune.faults import maybe_fault
 from preftune.train.rundir import atomic_write_text
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -33,7 +44,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
         for name, value in pstate.items():
             key = f"state.{pid}.{name}"
             if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().contiguous().cpu()
+                tensors[key] = _local(value).detach().contiguous().cpu()
             else:
                 scalars[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -67,7 +78,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (all of them in full fine-tuning, only the adapter with LoRA): frozen weights
     are rebuilt from the model spec on resume. Tied weights appear once (named_parameters deduplicates)."""
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: _local(p).detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -84,6 +95,14 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta, scheduler=scheduler.state_dict())
+    _publish(tmp, final, state, keep)
+    return final
+
+
+def _publish(tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
+    """Write the trainer state into the finished temporary directory, rename it into place, point ``latest`` at
+    it, and prune older checkpoints and stale temporary directories."""
+    root = final.parent
     (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -94,7 +113,6 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -109,6 +127,11 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                     scheduler: Any) -> dict[str, Any]:
     """Restore everything saved by :func:`save_checkpoint`; returns the trainer state dict."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("sharded"):
+        from preftune.errors import ConfigError
+
+        raise ConfigError(f"{path}: written sharded by {state['sharded']['processes']} processes "
+                          f"(train.sharding=fsdp2); resume it the same way")
     weights = load_file(str(path / "model.safetensors"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
@@ -132,3 +155,72 @@ def policies_along_training(run_dir: Path, spec: str, *, seed: int = 0):
         policy = load_causal_lm(spec, seed=seed)
         policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         yield int(ckpt.name.split("-")[1]), policy
+
+
+def _shard_file(kind: str, rank: int, world: int) -> str:
+    return f"{kind}.rank-{rank}-of-{world}.safetensors"
+
+
+def save_sharded_checkpoint(run_dir: Path, procs, *, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
+                            keep: int = 2) -> Path:
+    """:func:`save_checkpoint` for FSDP2: every process writes its own shards into one temporary directory,
+    then process 0 writes the trainer state, renames it into place and moves ``latest`` (all processes call it)."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if procs.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    procs.barrier()
+    rank, world = procs.rank, procs.world
+    save_file(model_state(model), str(tmp / _shard_file("model", rank, world)))
+    maybe_fault("mid_save")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / _shard_file("optimizer", rank, world)))
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(tmp / _shard_file("rng", rank, world)))
+    (tmp / f"rng.rank-{rank}-of-{world}.json").write_text(json.dumps(rng_meta), encoding="utf-8")
+    procs.barrier()
+    if procs.is_main:
+        _publish(tmp, final, dict(trainer_state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
+                                  sharded={"kind": "fsdp2", "processes": world}), keep)
+    procs.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, procs, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler: Any) -> dict[str, Any]:
+    """Restore this process's shards written by :func:`save_sharded_checkpoint`; returns the trainer state."""
+    from torch.distributed.tensor import DTensor
+
+    from preftune.errors import ConfigError
+
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    written = (state.get("sharded") or {}).get("processes")
+    if written is None:
+        raise ConfigError(f"{path}: written unsharded (train.sharding=none); resume it without FSDP2")
+    if written != procs.world:
+        raise ConfigError(f"{path}: written by {written} sharded processes, resumed on {procs.world}; the shards are "
+                          f"cut for {written}: resume on {written} processes")
+    rank, world = procs.rank, procs.world
+    weights = load_file(str(path / _shard_file("model", rank, world)))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise RuntimeError(f"checkpoint {path} does not match the model's trainable parameters")
+    with torch.no_grad():
+        for name, p in params.items():
+            _local(p).copy_(weights[name])
+    saved = _unflatten_optimizer(load_file(str(path / _shard_file("optimizer", rank, world))), state["optimizer"])
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, pstate in saved["state"].items():  # each shard back into a DTensor laid out like its parameter
+        p = ordered[pid]
+        for name, value in pstate.items():
+            if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.to_local().shape:
+                pstate[name] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                                  stride=p.stride())
+    optimizer.load_state_dict(saved)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_meta = json.loads((path / f"rng.rank-{rank}-of-{world}.json").read_text(encoding="utf-8"))
+    set_rng_state(load_file(str(path / _shard_file("rng", rank, world))), rng_meta)
+    return state

@@ -2,49 +2,98 @@
 ``accelerate`` sets up the process group (gloo on CPUs, NCCL on GPUs) and wraps the policy in
 DistributedDataParallel. A single process (``WORLD_SIZE`` unset or 1) touches none of it.
 
-What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``): ``train.batch_size`` is per
+What a run of N processes means (``preftune dpo``, ``sft`` and ``reward``; ``ppo``: rl/ppo_steps.py): ``train.batch_size`` is per
 process, so a step sees N x batch_size x grad_accum_steps pairs (or examples); every process walks the same
 seeded data order and takes its own contiguous slice of each global batch; the loss is normalised by the GLOBAL
 pair or token count (summed across processes) and scaled by N, since DDP averages gradients, so the update
 equals one process with N x batch_size (tested on 2 CPU processes); metrics are summed across processes before
 they are reduced; each process evaluates its share of the eval split; process 0 writes the run directory,
 metrics, checkpoints and the final policy, and the others wait for it.
+
+``train.sharding=fsdp2`` (or an ``accelerate launch`` config with ``fsdp_version: 2``) shards instead of
+replicating (train/sharding.py): the policy, its gradients and optimizer state, and the frozen reference are each
+split across the processes. The update is the same (gradients are summed, the loss normalised by the global
+count, without the x N above); the final policy is gathered whole into RUN/policy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
 
+log = logging.getLogger(__name__)
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def single_process_only(command: str) -> None:
-    """Commands that do not split their work across processes refuse to run as several (they would train N
-    independent copies that all write one run directory)."""
-    if world_size() > 1:
-        from preftune.errors import ConfigError
+def resolve_sharding(setting: str = "none") -> str:
+    """``train.sharding``, or what an ``accelerate launch`` FSDP config asks for (accelerate's own FSDP wrapping is
+    not used: preftune shards with torch's ``fully_shard`` itself, the same way on GPUs and CPUs)."""
+    from preftune.errors import ConfigError
 
-        raise ConfigError(f"preftune {command} runs in one process; several processes (WORLD_SIZE="
-                          f"{world_size()}) are supported by preftune dpo, sft and reward")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise ConfigError(f"the accelerate config asks for FSDP version {version}; preftune shards with FSDP2 "
+                              "(fsdp_version: 2, see configs/accelerate/fsdp2.yaml)")
+        unsupported = {  # accelerate's FSDP options preftune does not take over: refused, never ignored
+            "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params (CPU offload is not supported)"),
+            "FSDP_ACTIVATION_CHECKPOINTING": ("true", "fsdp_activation_checkpointing (use "
+                                                      "train.gradient_checkpointing=true)"),
+            "FSDP_RESHARD_AFTER_FORWARD": ("false", "fsdp_reshard_after_forward: false (preftune always reshards)"),
+        }
+        for name, (value, what) in unsupported.items():
+            if os.environ.get(name, "").lower() == value:
+                raise ConfigError(f"the accelerate config sets {what}; remove it (see configs/accelerate/fsdp2.yaml)")
+        setting = "fsdp2"
+    if setting == "fsdp2" and world_size() <= 1:
+        raise ConfigError("train.sharding=fsdp2 shards across several processes: start them with torchrun or "
+                          "accelerate launch (one process has nothing to shard with)")
+    return setting
+
+
+def check_sharding(procs: "Processes", cfg) -> None:
+    """What FSDP2 does not cover yet, refused before anything loads (never silently replicated or skipped)."""
+    from preftune.errors import ConfigError
+
+    if procs.sharding != "fsdp2":
+        return
+    t = cfg.train
+    reference = getattr(cfg, "reference", None)
+    refused = {
+        "reference.mode=adapter": reference is not None and reference.mode == "adapter",
+        "train.compile=true": t.compile,
+    }
+    for what, hit in refused.items():
+        if hit:
+            raise ConfigError(f"train.sharding=fsdp2 does not support {what} yet; run without it, or with data "
+                              "parallelism (train.sharding=none)")
 
 
 class Processes:
     """This process's view of the run: rank, world size, and the few collective operations the loop needs."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, sharding: str = "none"):
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.is_main = self.rank == 0
+        self.sharding = sharding if self.world > 1 else "none"
         self.ddp: torch.nn.Module | None = None  # the wrapped module the step function calls
+        self._mesh = None
+
+    @property
+    def grad_mean(self) -> bool:
+        """Whether the gradient reduction averages over processes (DDP) rather than sums (FSDP2 here)."""
+        return self.sharding == "none"
 
     @classmethod
-    def from_env(cls, device_setting: str = "auto") -> Processes:
+    def from_env(cls, device_setting: str = "auto", sharding: str = "none") -> Processes:
+        sharding = resolve_sharding(sharding)
         if world_size() <= 1:
             return cls(None)
         from datetime import timedelta
@@ -52,21 +101,76 @@ class Processes:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
+        os.environ.pop("ACCELERATE_USE_FSDP", None)  # preftune shards itself (resolve_sharding)
+
         # precision is preftune's (train.precision, its own autocast): an `accelerate launch` config must not add
         # accelerate's autocast or a compile backend behind it. The long collective timeout covers the processes
-        # that wait while process 0 precomputes reference log-probs (NCCL's default is 10 minutes).
+        # that wait at a barrier while process 0 alone works: writing a large policy, gathering a sharded one,
+        # plotting (NCCL's default is 10 minutes).
         return cls(Accelerator(cpu=device_setting == "cpu" or not torch.cuda.is_available(), mixed_precision="no",
                                dynamo_backend="no",
-                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))]))
+                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))]), sharding)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.world,))
+        return self._mesh
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` in DistributedDataParallel (accelerate's ``prepare_model``); remembered as ``ddp``."""
-        self.ddp = self.accelerator.prepare_model(module)
+        """``module`` in DistributedDataParallel (accelerate's ``prepare_model``), or sharded in place with FSDP2;
+        remembered as ``ddp``."""
+        if self.sharding == "fsdp2":
+            from preftune.train.sharding import local_fraction, shard
+
+            self.ddp = shard(module, self.mesh)
+            log.info("process %d holds %.3f of the trained model's parameters (FSDP2 over %d processes)", self.rank,
+                     local_fraction(module), self.world)
+        else:
+            self.ddp = self.accelerator.prepare_model(module)
         return self.ddp
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where a model goes before it is wrapped: under FSDP2 it stays in host memory and ``fully_shard`` moves
+        each process's shards (one unit at a time) to ``device``, so no GPU ever holds a whole model."""
+        return torch.device("cpu") if self.sharding == "fsdp2" else device
+
+    def shard_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen module (the reference) sharded like the policy under FSDP2; as it is otherwise."""
+        if self.sharding != "fsdp2":
+            return module
+        from preftune.train.sharding import local_fraction, shard
+
+        shard(module, self.mesh).set_reshard_after_forward(True)  # the root too: no backward comes to reuse it
+        log.info("process %d holds %.3f of the frozen model's parameters (FSDP2 over %d processes)", self.rank,
+                 local_fraction(module), self.world)
+        return module
+
+    def unsharded(self, module: torch.nn.Module, build, prefix: str = "") -> torch.nn.Module | None:
+        """The trained ``module`` as one whole model to save: itself, or under FSDP2 its weights gathered from the
+        wrapped root (``ddp``; ``prefix``: the module's name in it) into ``build()``'s fresh model on process 0
+        (None on the others). Every process must call it."""
+        if self.sharding != "fsdp2":
+            return module
+        from preftune.train.sharding import full_state_dict
+
+        state = full_state_dict(self.ddp)
+        if not self.is_main:
+            return None
+        fresh = build()
+        missing, unexpected = fresh.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()},
+                                                    strict=False)
+        tied = {n for n, p in fresh.named_parameters(remove_duplicate=False)} - set(dict(fresh.named_parameters()))
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"gathering the sharded model: missing {sorted(set(missing) - tied)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
+        return fresh
 
     def shard(self, indices: list[int]) -> list[int]:
         """This process's contiguous slice of a global batch of ``world`` x batch_size indices."""
@@ -78,6 +182,22 @@ class Processes:
         if self.world == 1:
             return tensor
         return self.accelerator.reduce(tensor.to(self.device), reduction="sum")
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along dim 0 in process order, on the CPU of each."""
+        if self.world == 1:
+            return tensor
+        return self.accelerator.gather(tensor.to(self.device)).cpu()
+
+    def gather_objects(self, value) -> list:
+        """Every process's ``value`` (any picklable object), in process order."""
+        if self.world == 1:
+            return [value]
+        from torch import distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
 
     def sum_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """(sum, count) metric pairs summed over processes, one collective for all of them."""
@@ -92,13 +212,17 @@ class Processes:
     def eval_shard(self, items: list) -> tuple[list, bool]:
         """(this process's share of an eval split, whether it is shared out): every ``world``-th item, so each
         process evaluates about 1/world of it, then ``sum_stats`` adds the sums up. A split smaller than the
-        number of processes is evaluated whole by each (every process must produce the same metric names)."""
-        if self.world == 1 or len(items) < self.world:
+        number of processes is evaluated whole by each (every process must produce the same metric names), and
+        so is every split under FSDP2, where each forward is a collective that every process must join."""
+        if self.world == 1 or len(items) < self.world or self.sharding == "fsdp2":
             return items, False
         return items[self.rank::self.world], True
 
     def no_sync(self, skip: bool):
-        """Inside: the backward does not all-reduce gradients (a micro-batch before the last of a step)."""
+        """Inside: the backward does not reduce gradients (a micro-batch before the last of a step)."""
+        if self.ddp is not None and self.sharding == "fsdp2":
+            self.ddp.set_requires_gradient_sync(not skip)
+            return contextlib.nullcontext()
         if self.ddp is None or not skip:
             return contextlib.nullcontext()
         return self.ddp.no_sync()

@@ -25,8 +25,10 @@ from preftune import faults
 from preftune.config import TrainConfig
 from preftune.data.collate import batch_to
 from preftune.models.logprobs import autocast_context
-from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
+                                       save_sharded_checkpoint)
 from preftune.train.distributed import Processes
+from preftune.train.sharding import scalar
 from preftune.train.metrics import MetricSums, Stats
 from preftune.train.optim import build_optimizer
 from preftune.train.rundir import MetricsWriter
@@ -238,7 +240,10 @@ def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: Da
         if resume:
             metrics.truncate_after(0)
         return 0, _Window()
-    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    if procs.sharding == "fsdp2":
+        state = load_sharded_checkpoint(checkpoint, procs, model=model, optimizer=optimizer, scheduler=scheduler)
+    else:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
     order.load(state["data"])
     # the window's sums were saved summed over processes: process 0 holds them, the others the same names at
     # zero (every process must sum the same names, or their collectives would not match)
@@ -254,7 +259,8 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
     weight, gradients all-reduced only after the last (DDP), clipping, the update and the schedule."""
     total_weight = float(sum(weight_fn(b) for b in micro))
     if procs.world > 1:  # normalise by the global weight; DDP averages the gradients, hence x world
-        total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64))) / procs.world
+        total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64)))
+        total_weight /= procs.world if procs.grad_mean else 1
     timer.lap("data", host=True)
     for k, batch in enumerate(micro):
         with procs.no_sync(skip=k < len(micro) - 1):  # forward and backward: DDP's rule
@@ -267,7 +273,7 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
         window.tokens += out.tokens
         window.pairs += out.pairs
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -278,8 +284,14 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
 
 def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model, optimizer, scheduler,
           order: DataOrder, cfg: TrainConfig) -> None:
-    """A checkpoint (process 0 writes it; every process takes part in summing the metric window first)."""
+    """A checkpoint (process 0 writes it; every process takes part in summing the metric window first; under
+    FSDP2 every process writes its own shards)."""
     window = sums.summed(procs).state()
+    if procs.sharding == "fsdp2":
+        save_sharded_checkpoint(run_dir, procs, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                trainer_state={"data": order.state(), "metrics_window": window},
+                                keep=cfg.keep_checkpoints)
+        return
     if procs.is_main:
         save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                         trainer_state={"data": order.state(), "metrics_window": window}, keep=cfg.keep_checkpoints)

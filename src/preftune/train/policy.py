@@ -44,7 +44,7 @@ def reference_loader(cfg: Config, ref_spec: str):
 
 
 def precompute_reference(cfg: Config, ref_spec: str, splits: dict[str, list], tokenizer, device: torch.device,
-                         precision: str) -> dict[str, list]:
+                         precision: str, procs: Processes | None = None) -> dict[str, list]:
     """``splits`` with cached reference log-probs attached (``reference.mode=precomputed``); the cache key
     covers the reference weights, tokenizer, template, truncation settings, precision and the data."""
     d = cfg.data
@@ -53,7 +53,18 @@ def precompute_reference(cfg: Config, ref_spec: str, splits: dict[str, list], to
     return precompute(splits, load_model=reference_loader(cfg, ref_spec),
                       weights=weights_identity(ref_spec, cfg.train.seed), tokenizer=tokenizer, settings=settings,
                       pad_id=tokenizer.pad_token_id, batch_size=cfg.train.eval_batch_size, device=device,
-                      precision=precision, root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None)
+                      precision=precision, root=Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else None,
+                      procs=procs if procs is not None and procs.world > 1 else None,
+                      prepare=_sharded_logps_module(procs))
+
+
+def _sharded_logps_module(procs: Processes | None):
+    """Under FSDP2, the reference for precomputing is sharded like the one a live run holds."""
+    if procs is None or procs.sharding != "fsdp2":
+        return None
+    from preftune.models.logprobs import LogpsModule
+
+    return lambda model: procs.shard_frozen(LogpsModule(model.eval().requires_grad_(False)))
 
 
 def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, splits: dict[str, list],
@@ -61,26 +72,22 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
                                ) -> tuple[torch.nn.Module, Reference | None, dict]:
     """Load the policy (LoRA-wrapped when asked or implied) and the reference strategy. With ``precomputed``
     the reference log-probs are computed (or read from the cache) first, and the reference model is freed
-    before the policy loads; of several processes, process 0 computes and caches them and the others then read
-    the cache (on other machines without a shared cache directory they compute their own)."""
+    before the policy loads; several processes each compute a share, process 0 caches the whole."""
     procs = procs if procs is not None else Processes()
     mode = resolve_reference_mode(cfg, loss_fn)
     ref_spec = cfg.ref_model or cfg.model
     load_ref = reference_loader(cfg, ref_spec)
-    if mode == "precomputed":
-        if not procs.is_main:
-            procs.barrier()  # wait for process 0's cache
-        splits = precompute_reference(cfg, ref_spec, splits, tokenizer, device, precision)
-        if procs.is_main:
-            procs.barrier()
+    if mode == "precomputed":  # every process computes its share (models.reference.precompute)
+        splits = precompute_reference(cfg, ref_spec, splits, tokenizer, device, precision, procs)
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
-    policy = prepare_for_training(policy.to(device), cfg)
+    policy = prepare_for_training(policy.to(procs.load_device(device)), cfg)
     if cfg.train.compile:
         policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
-        "model": lambda: FrozenReference(load_ref().to(device), precision),
+        "model": lambda: FrozenReference(load_ref().to(procs.load_device(device)), precision,
+                                         procs.shard_frozen if procs.sharding == "fsdp2" else None),
         "adapter": lambda: AdapterReference(policy),
         "precomputed": PrecomputedReference,
         "none": lambda: None,

@@ -97,3 +97,14 @@ def setup_threads(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
+
+
+def peak_memory_gb(device: torch.device | None = None) -> dict[str, float]:
+    """This process's peak resident memory (everything it ever held: models, optimizer, activations), and on CUDA
+    the peak of torch's allocator on its device."""
+    import resource
+
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device is not None and device.type == "cuda":
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out

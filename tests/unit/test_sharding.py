@@ -1,0 +1,86 @@
+"""FSDP2's pieces that need no second process: which modules become units, what is refused, the launcher configs.
+Training on two sharded processes against one is tested in tests/integration/test_distributed.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from preftune.config import load_config
+from preftune.errors import ConfigError
+from preftune.models.load import load_causal_lm
+from preftune.train.distributed import check_sharding, resolve_sharding
+from preftune.train.sharding import local_fraction, transformer_blocks
+
+ACCELERATE = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+
+
+def test_each_decoder_layer_is_a_unit():
+    model = load_causal_lm("tiny")
+    blocks = transformer_blocks(model)
+    assert blocks == list(model.get_decoder().layers) and len(blocks) == model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="no decoder layers found"):
+        transformer_blocks(torch.nn.Linear(2, 2))
+    assert local_fraction(model) == 1.0  # unsharded: every element is held
+
+
+def test_sharding_setting_and_the_accelerate_launcher(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_sharding("none") == "none"
+    with pytest.raises(ConfigError, match="shards across several processes"):
+        resolve_sharding("fsdp2")  # one process: refused, never silently unsharded
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_sharding("fsdp2") == "fsdp2"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert resolve_sharding("none") == "fsdp2"  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="fsdp_offload_params"):
+        resolve_sharding("none")  # an accelerate FSDP option preftune does not take over: refused, not ignored
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP version 1"):
+        resolve_sharding("none")
+
+
+@pytest.mark.parametrize("override, refused", [
+    ("reference.mode=adapter", "reference.mode=adapter"),
+    ("train.compile=true", "train.compile"),
+])
+def test_what_fsdp2_does_not_cover_yet_is_refused(override, refused):
+    sharded = SimpleNamespace(sharding="fsdp2")
+    with pytest.raises(ConfigError, match=f"does not support {refused}"):
+        check_sharding(sharded, load_config(None, [override]))
+    check_sharding(SimpleNamespace(sharding="none"), load_config(None, [override]))  # DDP: all fine
+    check_sharding(sharded, load_config(None, ["train.save_every=5"]))  # sharded checkpoints
+
+
+def test_the_shipped_accelerate_configs_are_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    fsdp = load_config_from_file(str(ACCELERATE / "fsdp2.yaml"))
+    assert fsdp.distributed_type == "FSDP" and str(fsdp.fsdp_config["fsdp_version"]) == "2"
+    assert fsdp.mixed_precision == "no"  # precision is train.precision's
+    assert load_config_from_file(str(ACCELERATE / "ddp.yaml")).distributed_type == "MULTI_GPU"
+
+
+def test_a_sharded_checkpoint_resumes_only_on_its_process_count(tmp_path):
+    import json
+
+    from preftune.train.checkpoint import load_checkpoint, load_sharded_checkpoint
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "sharded": {"kind": "fsdp2",
+                                                                                      "processes": 2}}))
+    with pytest.raises(ConfigError, match="written by 2 sharded processes, resumed on 3"):
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=3, rank=0), model=None, optimizer=None,
+                                scheduler=None)
+    with pytest.raises(ConfigError, match="written sharded by 2 processes"):  # unsharded resume of a sharded run
+        load_checkpoint(tmp_path, model=None, optimizer=None, scheduler=None)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(ConfigError, match="written unsharded"):
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=2, rank=0), model=None, optimizer=None,
+                                scheduler=None)
