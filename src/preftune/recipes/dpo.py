@@ -51,10 +51,9 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     sft_weight = cfg.dpo.sft_weight
     stepped = procs.wrap(LogpsModule(policy)) if procs.world > 1 else policy
-    evaluated = stepped if procs.sharding == "fsdp2" else policy  # sharded: only the root's forward gathers it
     eval_fn = None
     if eval_items:
-        eval_fn = functools.partial(evaluate_pairs, evaluated, reference, loss_fn, eval_items, pad_id,
+        eval_fn = functools.partial(evaluate_pairs, procs.evaluated(policy), reference, loss_fn, eval_items, pad_id,
                                     cfg.train.eval_batch_size, device, sft_weight, precision, collate, procs)
     result = fit(
         model=policy, items=train_items, collate=functools.partial(collate, pad_id=pad_id),

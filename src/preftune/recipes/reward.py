@@ -107,7 +107,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     stepped = procs.wrap(model) if procs.world > 1 else model  # FSDP2 shards it in place: stepped is model
     eval_fn = None
     if eval_items:
-        eval_fn = functools.partial(evaluate_reward, stepped if procs.sharding == "fsdp2" else model, eval_items,
+        eval_fn = functools.partial(evaluate_reward, procs.evaluated(model), eval_items,
                                     pad_id, cfg.train.eval_batch_size, device, precision, procs)
     result = fit(model=model, items=train_items, collate=functools.partial(collate_pairs, pad_id=pad_id),
                  step_fn=functools.partial(reward_step, stepped), weight_fn=pair_weight,

@@ -66,8 +66,8 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     stepped = procs.wrap(LogpsModule(model)) if procs.world > 1 else model
     eval_fn = None
-    if eval_items:  # sharded: only the root's forward gathers it
-        eval_fn = functools.partial(evaluate_examples, stepped if procs.sharding == "fsdp2" else model, eval_items,
+    if eval_items:
+        eval_fn = functools.partial(evaluate_examples, procs.evaluated(model), eval_items,
                                     pad_id, cfg.train.eval_batch_size, device, procs)
     result = fit(model=model, items=train_items, collate=functools.partial(collate_examples, pad_id=pad_id),
                  step_fn=functools.partial(sft_step, stepped), weight_fn=token_weight, cfg=cfg.train,

@@ -141,6 +141,11 @@ class Processes:
         each process's shards (one unit at a time) to ``device``, so no GPU ever holds a whole model."""
         return torch.device("cpu") if self.sharding == "fsdp2" else device
 
+    def evaluated(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module an evaluation calls: ``module`` itself, or under FSDP2 the sharded root that wraps it (only
+        the root's forward gathers the embeddings and head)."""
+        return self.ddp if self.sharding == "fsdp2" else module
+
     def shard_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
         """A frozen module (the reference) sharded like the policy under FSDP2; as it is otherwise."""
         if self.sharding != "fsdp2":
