@@ -3,7 +3,11 @@ sub-command; this module only iterates over them, sets up logging and maps error
 
 Config-driven commands take an optional YAML file and ``dotted.key=value`` overrides, e.g.
 ``preftune dpo model=tiny data.train=pairs.jsonl train.max_steps=10 run.dir=runs/x``.
-Exit codes: 0 success, 2 bad input (config, data, model spec), 130 interrupted.
+Exit codes: 0 success; 2 bad input (config, data, model spec, a run directory in use or holding another run);
+3 a run that cannot go on (a loss that stays non-finite); 74 an output that could not be written (disk full,
+quota, read-only: the path and the cause are named, and the previous checkpoint stays intact); 143 stopped by
+SIGTERM and 130 by SIGINT after writing a checkpoint (continue with ``--resume``; a second signal aborts at once,
+also 130).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from preftune.errors import USER_ERRORS
+from preftune.errors import USER_ERRORS, Interrupted, OutputError, TrainingError
 from preftune.recipes import RECIPES
 
 
@@ -44,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 74
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted: metrics so far are in the run directory; continue with --resume RUN_DIR",
               file=sys.stderr)

@@ -47,6 +47,9 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: the paper's 150 steps, scaled to the run (at most 10% of max_steps)
     schedule: str = "constant"  # constant | cosine | linear (after warm-up)
     max_grad_norm: float = 10.0  # the paper's value; 0 disables clipping
+    # a step whose loss or gradient is not finite is skipped (counted as train/skipped_steps); more than this many
+    # in a row stop the run with an error (exit status 3)
+    max_skipped_steps: int = 5
     seed: int = 0  # fixes initialisation (tiny model), data order and sampling
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end
@@ -104,6 +107,7 @@ class LoRAConfig:
 class RunConfig:
     dir: str | None = None  # default: runs/<command>-<timestamp>
     plot: bool = True
+    overwrite: bool = False  # a run.dir that already holds a run: false refuses it (use --resume), true replaces it
 
 
 @dataclass
@@ -245,6 +249,11 @@ def _check_train(t: TrainConfig) -> None:
                        ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)):
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    for key, value in (("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
+                       ("train.max_grad_norm", t.max_grad_norm), ("train.max_skipped_steps", t.max_skipped_steps),
+                       ("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
 
 
 def _check_dpo(p: DPOConfig) -> None:

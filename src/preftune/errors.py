@@ -52,3 +52,20 @@ def _rebuild_error(file, line, field, message, reason) -> DataError:
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelSpecError, InputError,
                                                 FileNotFoundError)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a loss that stays non-finite); the CLI prints it in one line, exit status 3."""
+
+
+class Interrupted(Exception):
+    """A run stopped on SIGTERM or SIGINT after writing a checkpoint; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)
+
+
+class OutputError(RuntimeError):
+    """An output that could not be written (disk full, quota, read-only, file too large), named with its cause; the
+    CLI prints it in one line, exit status 74 (EX_IOERR). What was written before it stays intact."""

@@ -51,6 +51,15 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
     assert main(args + ["frontier.ppo_lr=3e-5", "train.lr=2e-3"]) == 0
     reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
     assert [Path(x).name for x in reused] == ["ppo-0.05", "ppo-gt-0.05", "reward"]
+    # PPO-GT alone (how it is run to convergence): no DPO, PPO, Preferred-FT or best-of-N, and no reward model
+    caplog.clear()
+    assert main(args + ["frontier.ppo_lr=3e-5", "train.lr=2e-3", "frontier.dpo_betas=", "frontier.ppo_kl_coefs=",
+                        "frontier.preferred_ft=false", "frontier.best_of_n="]) == 0
+    reused = [r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage()]
+    assert [Path(x).name for x in reused] == ["ppo-gt-0.05"]
+    alone = json.loads((out / "frontier.json").read_text())
+    assert {p["method"] for p in alone["points"]} == {"reference", "PPO-GT"}
+    assert alone["budget"]["reward_model_heldout_accuracy"] is None
 
 
 def test_reuse_keys_hold_only_set_values():

@@ -240,6 +240,7 @@ def test_http_judge_interrupted_then_resumed_repeats_no_call(tmp_path, caplog):
         srv.stop()
     assert f"{done} judgments cached, {16 - done} to ask" in caplog.text
     after = cache.read_text().splitlines()
-    assert after[:done] == before and len(after) == 16
-    assert len({json.loads(line)["key"] for line in after}) == 16  # no judgment asked twice
+    # 16 comparisons, then the card's 16 of each chosen reply against an empty one
+    assert after[:done] == before and len(after) == 32
+    assert len({json.loads(line)["key"] for line in after}) == 32  # no judgment asked twice
     assert json.loads((out / "judge_card.json").read_text())["pairs"] == 8

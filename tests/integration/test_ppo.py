@@ -75,14 +75,16 @@ def _cli(args, env_extra=None):
                           timeout=600)
 
 
-def test_ppo_sigkill_and_resume_equals_uninterrupted(tmp_path, prompts_file):
+@pytest.mark.parametrize("fault,code,latest", [("after_step:3", -9, "step-000002"),  # SIGKILL after iteration 3
+                                                ("sigterm:3", 143, "step-000003")])  # SIGTERM: a checkpoint at 3
+def test_ppo_killed_or_stopped_and_resumed_equals_uninterrupted(tmp_path, prompts_file, fault, code, latest):
     args = ["ppo", *FAST, "ppo.scorer=vader", f"ppo.prompts={prompts_file}", "ppo.iterations=4", "ppo.save_every=2",
             "ppo.adaptive_kl=true", "ppo.horizon=10"]  # a moving kl_coef must be restored too
     assert main([*args, f"run.dir={tmp_path / 'straight'}"]) == 0  # in-process: one interpreter start less
     killed_dir = tmp_path / "killed"
-    killed = _cli([*args, f"run.dir={killed_dir}"], env_extra={"PREFTUNE_FAULT": "after_step:3"})
-    assert killed.returncode == -9  # SIGKILL after iteration 3
-    assert (killed_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    killed = _cli([*args, f"run.dir={killed_dir}"], env_extra={"PREFTUNE_FAULT": fault})
+    assert killed.returncode == code, killed.stderr[-2000:]
+    assert (killed_dir / "checkpoints" / "latest").read_text().strip() == latest
     assert not (killed_dir / "policy").exists()
     resumed = _cli(["ppo", "--resume", str(killed_dir)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -35,6 +35,17 @@ def test_verdict_and_summary_by_hand():
     # judged 3: one win, one tie: 1.5 / 3; lengths are means over every comparison, failures included
     assert s["win_rate"] == pytest.approx(0.5) and (s["ties"], s["fails"]) == (1, 1)
     assert (s["mean_length"], s["mean_length_opponent"]) == (25.0, 5.0) and "length_controlled_win_rate" in s
+    assert s["empty"] == 0 and summarise([0.9, 0.9], [0, 3], [5, 5])["empty"] == 1
+
+
+def test_empty_reply_preference_by_hand():
+    from preftune.eval.judging import empty_reply_preference
+
+    # P(chosen better than empty): 0.2 and 0.4 prefer the empty reply, 0.5 is a tie, 0.9 does not, None failed
+    out = empty_reply_preference([0.2, 0.4, 0.5, 0.9, None])
+    assert out["prefers_empty_reply"] == pytest.approx(2.5 / 4)
+    low, high = out["prefers_empty_reply_ci95"]
+    assert low < 2.5 / 4 < high
 
 
 def test_wilson_interval_edges():

@@ -243,19 +243,26 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
     UTF-8 with ``ensure_ascii=False`` so that text stays readable; ``.gz`` paths are gzipped.
     """
+    from preftune.train.rundir import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with writing(path, "output"):  # a failed write names the path and its cause (the rows' own errors pass)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as raw:
             f = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
             for row in rows:
-                f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-            if f is not raw:
-                f.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
+                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                with writing(path, "output"):
+                    f.write(line)
+            with writing(path, "output"):
+                if f is not raw:
+                    f.close()
+                raw.flush()
+                os.fsync(raw.fileno())
+        with writing(path, "output"):
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -270,3 +270,12 @@ def judge_swapped(judge: Judge, cache: JudgmentCache, items: list[Comparison]
 
     orders = judge_both_orders(judge, cache, items)
     return orders, [swap_average(a, b, judge.mode) for a, b in orders]
+
+
+def empty_reply_probe(judge: Judge, cache: JudgmentCache, pairs: list[tuple]) -> dict:
+    """Each (prompt, human-chosen reply) judged against an EMPTY reply, both orders: how often the judge prefers
+    saying nothing (:func:`~preftune.eval.judging.empty_reply_preference`)."""
+    from preftune.eval.judging import empty_reply_preference
+
+    _, combined = judge_swapped(judge, cache, [(p, chosen, " ") for p, chosen in pairs])
+    return empty_reply_preference(combined)

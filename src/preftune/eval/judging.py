@@ -47,11 +47,21 @@ def verdict(p: float | None, x: str = "x", y: str = "y") -> str:
 
 
 def summarise(probs: list[float | None], lengths_x: list[int], lengths_y: list[int]) -> dict:
-    """x's win rate over y with its interval, the length-controlled win rate and both mean lengths (in words)."""
+    """x's win rate over y with its interval, the length-controlled win rate, both mean lengths (in words) and how
+    many of x's responses are empty (a judge that prefers an empty reply rewards them for that alone)."""
     n = max(1, len(lengths_x))
     return {**win_rate(probs).as_dict(), "length_controlled_win_rate": length_controlled_win_rate(probs, lengths_x,
                                                                                                  lengths_y),
-            "mean_length": sum(lengths_x) / n, "mean_length_opponent": sum(lengths_y) / n}
+            "mean_length": sum(lengths_x) / n, "mean_length_opponent": sum(lengths_y) / n,
+            "empty": sum(length == 0 for length in lengths_x)}
+
+
+def empty_reply_preference(p_chosen_over_empty: list[float | None]) -> dict:
+    """How often a judge prefers an EMPTY reply to the human-chosen one (a tie counts 1/2; failures left out),
+    from its swap-averaged P(chosen better than empty) on labelled pairs, with the 95% interval. Above 1/2 the
+    judge rewards saying nothing: a policy that learns to stop at once wins against it without being better."""
+    rate = win_rate([None if p is None else 1.0 - p for p in p_chosen_over_empty])
+    return {"prefers_empty_reply": rate.win_rate, "prefers_empty_reply_ci95": [rate.ci_low, rate.ci_high]}
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:

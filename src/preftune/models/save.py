@@ -16,18 +16,21 @@ from preftune.models.lora import BASE_FILE, is_peft_model
 def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Path:
     """HF-format safetensors directory (full weights, or a peft adapter), written atomically (temporary
     directory, then rename). ``extra(tmp_dir)`` may add files before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from preftune.train.rundir import writing
+
+    with writing(path, "model"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if extra is not None:
+                extra(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -95,6 +95,10 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def _point(method: str, setting: str, step: int, ev: dict) -> dict:
     return {"method": method, "setting": setting, "step": step, "kl": ev["kl"], "kl_ci": ev["kl_ci95"],
             "reward": ev["reward"], "reward_ci": ev["reward_ci95"]}
@@ -276,14 +280,15 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
         points += arms.supervised("Preferred-FT", "-", "preferred-ft", run_sft, SFTRunConfig(),
                                   [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
                                    f"train.save_every={arms.every(f.sft_steps)}"], {"steps": f.sft_steps})
-    rm_result, rm_key = arms.reward_model()
-    rm_path = f"rm:{rm_result['reward_model']}"
+    rm_result, rm_key = arms.reward_model() if _floats(f.ppo_kl_coefs) or _ints(f.best_of_n) else ({"eval": {}}, None)
+    rm_path = f"rm:{rm_result.get('reward_model')}"
     iterations = f.ppo_iterations or max(1, math.ceil(arms.sample_budget / f.ppo_batch_size))
     for coef in _floats(f.ppo_kl_coefs):
         points += arms.ppo("PPO", coef, rm_path, rm_key, iterations, train_prompts)
     if f.ppo_gt:
         points += arms.ppo("PPO-GT", 0.05, "sentiment", "sentiment", iterations, train_prompts)
-    points += _best_of_n(held, get_scorer(rm_path), [int(n) for n in f.best_of_n.split(",")])
+    if _ints(f.best_of_n):
+        points += _best_of_n(held, get_scorer(rm_path), _ints(f.best_of_n))
     budget = {"dpo_settings": len(_floats(f.dpo_betas)), "ppo_settings": len(_floats(f.ppo_kl_coefs)),
               "dpo_samples": arms.sample_budget, "ppo_samples_per_run": iterations * f.ppo_batch_size,
               "reward_model_heldout_accuracy": rm_result["eval"].get("eval/accuracy"),

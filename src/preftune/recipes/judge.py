@@ -94,7 +94,7 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
 
     from preftune.config import save_config
     from preftune.data.records import write_jsonl
-    from preftune.eval.judges import JudgmentCache, build_judge, judge_swapped
+    from preftune.eval.judges import JudgmentCache, build_judge, empty_reply_probe, judge_swapped
     from preftune.eval.judging import judge_card, summarise, verdict
     from preftune.train.rundir import atomic_write_text
 
@@ -103,7 +103,8 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml", command="judge")
     judge = build_judge(cfg.judge)
-    orders, combined = judge_swapped(judge, JudgmentCache(out / "judgments.jsonl"), items)
+    cache = JudgmentCache(out / "judgments.jsonl")
+    orders, combined = judge_swapped(judge, cache, items)
     lengths = [(len(x.split()), len(y.split())) for _, x, y in items]
     write_jsonl(out / "comparisons.jsonl", (
         {"source": src, "prompt": p, "a": x, "b": y, "p_a_first": pf, "p_a_second": ps, "p": pc,
@@ -112,6 +113,7 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
     if labelled:
         card = judge_card([a for a, _ in orders], [b for _, b in orders], [lx for lx, _ in lengths],
                           [ly for _, ly in lengths], judge.mode, cfg.seed)
+        card.update(empty_reply_probe(judge, cache, [(p, x) for p, x, _ in items]))
         result = {"judge": judge.name, "data": str(path), "skipped": skipped, **card}
         name = "judge_card.json"
     else:

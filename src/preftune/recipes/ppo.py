@@ -141,6 +141,7 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     from preftune.train.loop import DataOrder
     from preftune.train.rundir import MetricsWriter
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
+    from preftune.train.signals import StopOnSignal, stop_run
 
     check_config(cfg)
     setup_threads(cfg)
@@ -170,28 +171,42 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
                              keep=cfg.train.keep_checkpoints)
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
+    stop = StopOnSignal()
     try:
-        while iteration < s.iterations:
-            iteration += 1
-            last = run_iteration(stepped, reference, tokenizer, scorer, [prompts[i] for i in order.take(s.batch_size)],
-                                 cfg, kl_ctl, optimizer, scheduler, iteration, device, precision, procs)
-            metrics.write({"step": iteration, **last})
-            log.log(logging.INFO if cfg.train.progress else logging.DEBUG, "iteration %d/%d  %s", iteration,
-                    s.iterations, "  ".join(f"{k}={last[k]:.4g}" for k in ("reward", "kl", "kl_coef", "entropy",
-                                                                            "policy_loss", "value_loss", "tokens_per_s")))
-            faults.set_step(iteration)
-            if eval_hook is not None and s.eval_every and (iteration % s.eval_every == 0 or iteration == s.iterations):
-                last_eval = run_eval_hook(eval_hook, model.policy, iteration, metrics)
-            if s.save_every and iteration % s.save_every == 0 and iteration != s.iterations:
-                save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
-            faults.maybe_fault("after_step")
-        save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
+        with stop:
+            while iteration < s.iterations:
+                iteration += 1
+                batch = [prompts[i] for i in order.take(s.batch_size)]
+                last = run_iteration(stepped, reference, tokenizer, scorer, batch, cfg, kl_ctl, optimizer, scheduler,
+                                     iteration, device, precision, procs)
+                metrics.write({"step": iteration, **last})
+                _log_iteration(cfg, iteration, last)
+                faults.set_step(iteration)
+                if eval_hook is not None and s.eval_every and (iteration % s.eval_every == 0
+                                                               or iteration == s.iterations):
+                    last_eval = run_eval_hook(eval_hook, model.policy, iteration, metrics)
+                state = functools.partial(save, step=iteration, trainer_state={"data": order.state(),
+                                                                                "kl_coef": kl_ctl.value})
+                saved = bool(s.save_every) and iteration % s.save_every == 0 and iteration != s.iterations
+                if saved:
+                    state()
+                faults.maybe_fault("after_step")
+                asked = stop.requested(procs)
+                if asked:
+                    stop_run(asked, iteration, run_dir, None if saved else state)
+            save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
     finally:
         metrics.close()
     if procs.is_main:
         _save_outputs(cfg, model, tokenizer, run_dir)
     procs.barrier()
     return {"run_dir": str(run_dir), "iterations": iteration, "train": last, "eval": last_eval}
+
+
+def _log_iteration(cfg: PPORunConfig, iteration: int, last: dict[str, float]) -> None:
+    log.log(logging.INFO if cfg.train.progress else logging.DEBUG, "iteration %d/%d  %s", iteration,
+            cfg.ppo.iterations, "  ".join(f"{k}={last[k]:.4g}" for k in ("reward", "kl", "kl_coef", "entropy",
+                                                                         "policy_loss", "value_loss", "tokens_per_s")))
 
 
 def _processes(cfg: PPORunConfig):

@@ -5,7 +5,11 @@ written into a temporary directory and renamed into place, then the ``latest`` p
 atomically, so a crash at any moment leaves the previous checkpoint usable.
 
 Layout: ``RUN/checkpoints/step-000010/{model.safetensors, optimizer.safetensors, rng.safetensors,
-trainer_state.json}`` and ``RUN/checkpoints/latest`` (a one-line file naming the directory).
+trainer_state.json, manifest.json}`` and ``RUN/checkpoints/latest`` (a one-line file naming the directory).
+
+``manifest.json`` is written last: every other file's size and SHA-256. ``--resume`` verifies it, and a checkpoint
+whose files were truncated or altered after it was written (a failed copy, a bad disk) is named in a warning and
+skipped for the newest one that verifies.
 
 Sharded (FSDP2) runs write one ``{model,optimizer,rng}.rank-R-of-N.safetensors`` per process: each process's own
 shards of the weights and optimizer state, nothing gathered. They resume on the same number of processes (another
@@ -14,7 +18,9 @@ number is refused: the shards are cut for N).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -27,7 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.faults import maybe_fault
-from preftune.train.rundir import atomic_write_text
+from preftune.train.rundir import atomic_write_text, writing
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -87,15 +96,20 @@ def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, optimiz
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    save_file(model_state(model), str(tmp / "model.safetensors"))
-    maybe_fault("mid_save")  # tests: a SIGKILL here must leave the previous checkpoint usable
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta, scheduler=scheduler.state_dict())
-    _publish(tmp, final, state, keep)
+    with writing(final, "checkpoint"):
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            save_file(model_state(model), str(tmp / "model.safetensors"))
+            maybe_fault("mid_save")  # tests: a SIGKILL here must leave the previous checkpoint usable
+            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta, scheduler=scheduler.state_dict())
+            _publish(tmp, final, state, keep)
+        except BaseException:  # a failed write or an abort: the half-written directory goes, the previous stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 
@@ -104,6 +118,7 @@ def _publish(tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
     it, and prune older checkpoints and stale temporary directories."""
     root = final.parent
     (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -115,12 +130,69 @@ def _publish(tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: every file's size and SHA-256, written (and synced) after all of them."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    with open(directory / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (a missing, truncated or altered file), or None."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        # checkpoints written before manifests existed carry none: trusted if their trainer state is there
+        return None if (path / "trainer_state.json").is_file() else "no trainer_state.json and no manifest.json"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (altered after it was written)"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    """The newest checkpoint that verifies against its manifest: the one ``latest`` names, else (saying why, in a
+    warning) the newest older one. None when the run has none; an error when it has some and none verifies."""
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    if named is not None and named in candidates:  # the pointer first; a newer unnamed dir was never published
+        candidates = [named] + [p for p in candidates if p.name < named.name]
+    problems = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s instead: %s", path, "; ".join(problems))
+            return path
+        problems.append(f"checkpoint {path} is corrupt: {problem}")
+        log.warning("checkpoint %s is corrupt: %s", path, problem)
+    if problems:
+        from preftune.errors import InputError
+
+        raise InputError(f"{run_dir}: no checkpoint can be trusted ({'; '.join(problems)})")
+    return None
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -236,10 +236,21 @@ class Processes:
         """The run directory: named and written (config, env) by process 0, its name broadcast to the others."""
         from pathlib import Path
 
-        from preftune.train.rundir import make_run_dir
+        from preftune.train.rundir import lock_run_dir, make_run_dir
 
+        from preftune.errors import ConfigError
+
+        outcome = None
+        if self.is_main:  # process 0 takes the directory; a refusal is raised by every process, not only the first
+            try:
+                outcome = str(make_run_dir(cfg, command)) if not resume else lock_run_dir(Path(cfg.run.dir))
+            except ConfigError as exc:
+                outcome = exc
+        outcome = self.broadcast(outcome)
+        if isinstance(outcome, ConfigError):
+            raise outcome
         if not resume:
-            cfg.run.dir = self.broadcast(str(make_run_dir(cfg, command)) if self.is_main else None)
+            cfg.run.dir = outcome
         return Path(cfg.run.dir)
 
     def barrier(self) -> None:

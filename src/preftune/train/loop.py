@@ -13,6 +13,7 @@ gradient, and a mean over tokens is a mean over all tokens of the step, not a me
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from preftune.train.sharding import scalar
 from preftune.train.metrics import MetricSums, Stats
 from preftune.train.optim import build_optimizer
 from preftune.train.rundir import MetricsWriter
+from preftune.train.signals import StopOnSignal, stop_run
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -192,7 +195,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     order = DataOrder(len(items), cfg.seed)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
-    step, window = _restore(resume, run_dir, model, optimizer, scheduler, order, metrics, device, procs)
+    step, window, skips = _restore(resume, run_dir, model, optimizer, scheduler, order, metrics, device, procs)
     model.train()
     progress = _progress(cfg, step, enabled=procs.is_main)
     timer = PhaseTimer(device)
@@ -200,31 +203,37 @@ def fit(
     last: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     save = functools.partial(_save, procs, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                             order=order, cfg=cfg)
+                             order=order, cfg=cfg, skips=skips)
+    stop = StopOnSignal()
     try:
-        while step < cfg.max_steps:
-            timer.start()
-            micro = [collate([items[i] for i in procs.shard(order.take(cfg.batch_size * procs.world))])
-                     for _ in range(cfg.grad_accum_steps)]
-            lr = scheduler.get_last_lr()[0]
-            _optimizer_step(micro, step_fn, weight_fn, params, optimizer, scheduler, window, timer, cfg, device,
-                            precision, procs)
-            step += 1
-            faults.set_step(step)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = window.row(procs, lr, timer)
-                metrics.write({"step": step, "epoch": order.epoch, **last})
-                window = _Window()
-                progress.set(step, last)
-            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+        with stop:
+            while step < cfg.max_steps:
+                timer.start()
+                micro = [collate([items[i] for i in procs.shard(order.take(cfg.batch_size * procs.world))])
+                         for _ in range(cfg.grad_accum_steps)]
+                lr = scheduler.get_last_lr()[0]
+                faults.set_step(step + 1)
+                skips.record(_optimizer_step(micro, step_fn, weight_fn, params, optimizer, scheduler, window, timer,
+                                             cfg, device, precision, procs), step + 1, cfg)
+                step += 1
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    last = {**window.row(procs, lr, timer), "train/skipped_steps": skips.total}
+                    metrics.write({"step": step, "epoch": order.epoch, **last})
+                    window = _Window()
+                    progress.set(step, last)
+                if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+                    last_eval = _run_eval(eval_fn, metrics, step, model)
+                saved = bool(cfg.save_every) and step % cfg.save_every == 0 and step != cfg.max_steps
+                if saved:
+                    save(step, window.sums)
+                faults.maybe_fault("after_step")
+                asked = stop.requested(procs)
+                if asked:
+                    stop_run(asked, step, run_dir, None if saved else functools.partial(save, step, window.sums))
+            if eval_fn is not None:
                 last_eval = _run_eval(eval_fn, metrics, step, model)
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+            if cfg.save_final:
                 save(step, window.sums)
-            faults.maybe_fault("after_step")
-        if eval_fn is not None:
-            last_eval = _run_eval(eval_fn, metrics, step, model)
-        if cfg.save_final:
-            save(step, window.sums)
     finally:
         progress.close()
         metrics.close()
@@ -232,14 +241,15 @@ def fit(
 
 
 def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: DataOrder, metrics: MetricsWriter,
-             device: torch.device, procs: Processes) -> tuple[int, _Window]:
-    """(the step to continue from, the open logging window): from the latest checkpoint on ``--resume``, else a
-    fresh start. Metrics rows logged after the checkpoint are dropped (they will be logged again)."""
+             device: torch.device, procs: Processes) -> tuple[int, _Window, _Skips]:
+    """(the step to continue from, the open logging window, the skipped steps so far): from the latest checkpoint
+    on ``--resume``, else a fresh start. Metrics rows logged after the checkpoint are dropped (they will be logged
+    again)."""
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is None:
         if resume:
             metrics.truncate_after(0)
-        return 0, _Window()
+        return 0, _Window(), _Skips()
     if procs.sharding == "fsdp2":
         state = load_sharded_checkpoint(checkpoint, procs, model=model, optimizer=optimizer, scheduler=scheduler)
     else:
@@ -249,14 +259,16 @@ def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: Da
     # zero (every process must sum the same names, or their collectives would not match)
     sums = MetricSums.from_state(state.get("metrics_window", {}), device)
     metrics.truncate_after(state["step"])
-    return state["step"], _Window(sums if procs.is_main else sums.zeros_like())
+    return state["step"], _Window(sums if procs.is_main else sums.zeros_like()), _Skips(state.get("skipped_steps", 0))
 
 
 def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, params, optimizer, scheduler,
                     window: _Window, timer: PhaseTimer, cfg: TrainConfig, device: torch.device, precision: str,
-                    procs: Processes) -> None:
+                    procs: Processes) -> bool:
     """One optimizer step over its micro-batches: each micro-batch's summed loss divided by the step's total
-    weight, gradients all-reduced only after the last (DDP), clipping, the update and the schedule."""
+    weight, gradients all-reduced only after the last (DDP), clipping, the update and the schedule. False: the
+    loss or the gradient was not finite, and the update was skipped (the step's metrics too)."""
+    step_sums = MetricSums()  # kept only if the step is taken
     total_weight = float(sum(weight_fn(b) for b in micro))
     if procs.world > 1:  # normalise by the global weight; DDP averages the gradients, hence x world
         total_weight = float(procs.sum(torch.tensor(total_weight, dtype=torch.float64)))
@@ -266,35 +278,67 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
         with procs.no_sync(skip=k < len(micro) - 1):  # forward and backward: DDP's rule
             with autocast_context(device, precision):
                 out = step_fn(batch_to(batch, device))
+            if faults.active("nan_loss"):  # tests: a real NaN through the backward
+                out.loss = out.loss * float("nan")
             timer.lap("forward")
             (out.loss / max(total_weight, 1.0 / procs.world)).backward()
         timer.lap("backward")
-        window.sums.add(out.stats)
+        step_sums.add(out.stats)
         window.tokens += out.tokens
         window.pairs += out.pairs
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    # the norm of the whole (all-reduced or sharded) gradient: the same on every process, so all skip together
     grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    optimizer.step()
-    scheduler.step()
+    taken = bool(torch.isfinite(grad_norm))
+    if taken:
+        optimizer.step()
+    scheduler.step()  # a skipped step still counts as a step of the schedule (and of the data order)
     optimizer.zero_grad(set_to_none=True)
     timer.lap("optimizer")
     timer.steps += 1
-    window.sums.add({"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
+    if taken:
+        window.sums.merge(step_sums)
+        window.sums.add({"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
+    return taken
+
+
+class _Skips:
+    """Optimizer steps skipped for a non-finite loss or gradient: the total (``train/skipped_steps`` in every
+    metrics row, kept in checkpoints) and the current streak, which stops the run past ``train.max_skipped_steps``."""
+
+    def __init__(self, total: int = 0):
+        self.total, self.streak = total, 0
+
+    def record(self, taken: bool, step: int, cfg: TrainConfig) -> None:
+        if taken:
+            self.streak = 0
+            return
+        self.total, self.streak = self.total + 1, self.streak + 1
+        log.warning("step %d skipped: the loss or the gradient is not finite (no update; %d skipped so far)",
+                    step, self.total)
+        if self.streak > cfg.max_skipped_steps:
+            from preftune.errors import TrainingError
+
+            raise TrainingError(f"{self.streak} steps in a row had a non-finite loss or gradient (up to step {step}; "
+                                f"train.max_skipped_steps={cfg.max_skipped_steps}): stopped; the last checkpoint "
+                                f"written before them is intact")
 
 
 def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model, optimizer, scheduler,
-          order: DataOrder, cfg: TrainConfig) -> None:
+          order: DataOrder, cfg: TrainConfig, skips: _Skips) -> None:
     """A checkpoint (process 0 writes it; every process takes part in summing the metric window first; under
     FSDP2 every process writes its own shards)."""
     window = sums.summed(procs).state()
     if procs.sharding == "fsdp2":
         save_sharded_checkpoint(run_dir, procs, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                trainer_state={"data": order.state(), "metrics_window": window},
+                                trainer_state={"data": order.state(), "metrics_window": window,
+                                               "skipped_steps": skips.total},
                                 keep=cfg.keep_checkpoints)
         return
     if procs.is_main:
         save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state={"data": order.state(), "metrics_window": window}, keep=cfg.keep_checkpoints)
+                        trainer_state={"data": order.state(), "metrics_window": window,
+                                       "skipped_steps": skips.total}, keep=cfg.keep_checkpoints)
     procs.barrier()
 
 

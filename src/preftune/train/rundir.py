@@ -3,9 +3,14 @@ plots, and the final model."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import logging
 import os
 import platform
+import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,16 +20,107 @@ import torch
 
 from preftune.config import Config, save_config
 
+log = logging.getLogger(__name__)
+
+
+# a directory holding any of these holds a run (a config.yaml alone: a run that stopped before it trained)
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "policy", "reward_model")
+# everything a training command writes into its run directory, removed by run.overwrite=true (nothing else is)
+RUN_ARTIFACTS = RUN_MARKERS + ("config.yaml", "env.json", "training.png", "value_head.safetensors", "prompts.jsonl",
+                               "policy-merged")
+
 
 def make_run_dir(cfg: Config, command: str) -> Path:
+    """A new run's directory, taken for this process (:func:`lock_run_dir`). One that already holds a run is
+    refused (continue it with --resume), or emptied of that run's files with ``run.overwrite=true``."""
+    from preftune.errors import ConfigError
+
     path = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.dir {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run.dir {path} cannot be created: {exc.strerror or exc}") from None
+    lock_run_dir(path)
+    held = [name for name in RUN_MARKERS if (path / name).exists()]
+    if held and not getattr(cfg.run, "overwrite", False):
+        raise ConfigError(f"run.dir {path} already holds a run ({', '.join(held)}): continue it with --resume {path}, "
+                          f"choose another run.dir, or replace it with run.overwrite=true")
+    for name in RUN_ARTIFACTS if held else ():
+        target = path / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if held:
+        log.warning("run.overwrite=true: removed the previous run in %s (%s)", path, ", ".join(held))
     cfg.run.dir = str(path)
     # the command is recorded when the config is that command's own (the demo's DPO run saves a DemoConfig)
     own = getattr(type(cfg), "COMMANDS", (getattr(type(cfg), "COMMAND", command),))
     save_config(cfg, path / "config.yaml", command=command if command in own else None)
     write_env(path, cfg.train.seed)
     return path
+
+
+_LOCKS: dict[str, Any] = {}  # resolved run directory -> the open lock file this process holds (until it exits)
+
+
+def lock_run_dir(path: Path) -> None:
+    """Take ``RUN/.lock`` for this process (an exclusive ``flock``, released by the kernel when the process ends,
+    however it ends). A directory another live process holds is refused, naming its pid and host; a lock file left
+    by a run that was killed is unlocked, so it is taken over (and said so)."""
+    import fcntl
+    import socket
+
+    from preftune.errors import ConfigError
+
+    key = str(path.resolve())
+    if key in _LOCKS:
+        return
+    lock_path = path / ".lock"
+    try:
+        f = open(lock_path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"run.dir {path} cannot be written: {exc.strerror or exc}") from None
+    f.seek(0)
+    previous = f.read().strip()
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        owner = _describe_owner(previous)
+        raise ConfigError(f"run.dir {path} is in use by another run ({owner}); wait for it, or choose another "
+                          f"run.dir") from None
+    if previous:
+        log.warning("run.dir %s: took over the lock left by a run that is no longer running (%s)", path,
+                    _describe_owner(previous))
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    f.flush()
+    if not _LOCKS:
+        atexit.register(_release_locks)
+    _LOCKS[key] = f
+
+
+def _release_locks() -> None:
+    """At a normal exit: empty the lock files this process holds (a killed process leaves its pid in them, which
+    the next run reports as a stale lock it takes over)."""
+    for f in _LOCKS.values():
+        try:
+            f.seek(0)
+            f.truncate()
+            f.close()
+        except OSError:
+            pass
+    _LOCKS.clear()
+
+
+def _describe_owner(text: str) -> str:
+    try:
+        owner = json.loads(text)
+        return f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "owner unknown"
 
 
 def _git_sha() -> str | None:
@@ -52,11 +148,33 @@ def write_env(path: Path, seed: int) -> None:
     (path / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
 
 
+@contextlib.contextmanager
+def writing(path, what: str):
+    """Turn a failed write inside the block (disk full, quota, read-only, file too large: an OSError, or the
+    safetensors writer's I/O error) into an :class:`~preftune.errors.OutputError` naming ``what``, the path and
+    the cause."""
+    from preftune.errors import OutputError
+
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+            cause = re.sub(r" \(os error \d+\)$", "", str(exc).split("I/O error: ")[-1])
+            raise OutputError(f"cannot write {what} {path}: {cause}") from None
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``path`` so that a reader (or a crash) sees the old content or the new, never half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(path, "file"):
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class MetricsWriter:
@@ -73,11 +191,22 @@ class MetricsWriter:
         return self._file
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row, whole or not at all: a failed write is cut back to the previous row's end."""
         if not self.enabled:
             return
-        f = self._open()
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+        with writing(self.path, "metrics"):
+            f = self._open()
+            end = f.tell()
+            try:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+            except OSError:
+                self._file = None
+                with contextlib.suppress(OSError):
+                    f.close()  # the flush inside close fails again; the bytes that did reach the file are cut
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, end)
+                raise
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint (they will be logged again)."""
