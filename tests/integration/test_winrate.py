@@ -63,6 +63,8 @@ def test_winrate_quick_end_to_end_on_tiny(tmp_path, capsys, caplog):
     assert {m for m, _ in along} == {"DPO beta=0.1", "PPO"} and ("PPO", 2) in along
     card = json.loads((out / "judge_card.json").read_text())
     assert card["pairs"] >= 4 and "informative" in card and result["informative"] == card["informative"]
+    assert 0 <= card["prefers_empty_reply"] <= 1 and "uninformative_because" in card  # the empty-reply probe
+    assert all(0 <= p["empty"] <= p["n"] for p in result["points"])
     assert result["judge"].startswith("rm:") and "judge-rm" in result["judge"]
     splits = json.loads((out / "splits.json").read_text())
     assert splits["test_prompts"] == 4 and splits["judge_rm_pairs"] + splits["policy_rm_pairs"] == splits["train_pairs"]

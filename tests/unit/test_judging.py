@@ -46,6 +46,15 @@ def test_empty_reply_preference_by_hand():
     assert out["prefers_empty_reply"] == pytest.approx(2.5 / 4)
     low, high = out["prefers_empty_reply_ci95"]
     assert low < 2.5 / 4 < high
+    from preftune.eval.judging import with_empty_probe
+
+    good = {"informative": True}
+    assert with_empty_probe(good, {"prefers_empty_reply": 0.5})["informative"] is True  # not more often than not
+    gamed = with_empty_probe(good, out)
+    assert gamed["informative"] is False and gamed["prefers_empty_reply"] == out["prefers_empty_reply"]
+    assert gamed["uninformative_because"] == "prefers an empty reply to the human-chosen one on 62% of the pairs"
+    both = with_empty_probe({"informative": False}, out)["uninformative_because"]
+    assert both.startswith("does not beat always-longer; prefers an empty reply")
 
 
 def test_wilson_interval_edges():

@@ -64,6 +64,16 @@ def empty_reply_preference(p_chosen_over_empty: list[float | None]) -> dict:
     return {"prefers_empty_reply": rate.win_rate, "prefers_empty_reply_ci95": [rate.ci_low, rate.ci_high]}
 
 
+def with_empty_probe(card: dict, probe: dict) -> dict:
+    """The judge card with the empty-reply probe: ``informative`` also requires that the judge does not prefer an
+    empty reply to the human-chosen one more often than not; ``uninformative_because`` says why it is not."""
+    reasons = [] if card["informative"] else ["does not beat always-longer"]
+    if probe["prefers_empty_reply"] > 0.5:
+        reasons.append(f"prefers an empty reply to the human-chosen one on {probe['prefers_empty_reply']:.0%} of "
+                       f"the pairs")
+    return {**card, **probe, "informative": not reasons, "uninformative_because": "; ".join(reasons) or None}
+
+
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson's score interval for a proportion successes / n (a tie counts 1/2 a success)."""
     if n == 0:

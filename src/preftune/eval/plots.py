@@ -104,7 +104,8 @@ def plot_frontier(points: list[dict[str, Any]], path: Path, *, title: str = "") 
     return path
 
 
-def plot_winrate(points: list[dict[str, Any]], path: Path, *, informative: bool = True, title: str = "") -> Path:
+def plot_winrate(points: list[dict[str, Any]], path: Path, *, informative: bool = True, title: str = "",
+                 why: str | None = None) -> Path:
     """Drawn like the DPO paper's Figure 3: win rate against the dataset's chosen reply vs sampling temperature,
     one line per method with its 95% band and a 50% line; right, the win rate along DPO's training."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
@@ -128,7 +129,7 @@ def plot_winrate(points: list[dict[str, Any]], path: Path, *, informative: bool 
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=7)
-    note = "" if informative else "  [UNINFORMATIVE: the judge does not beat always-longer]"
+    note = "" if informative else f"\n[UNINFORMATIVE: the judge {why or 'does not beat always-longer'}]"
     fig.suptitle((title or "win rate vs chosen") + note, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

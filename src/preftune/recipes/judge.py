@@ -95,7 +95,7 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
     from preftune.config import save_config
     from preftune.data.records import write_jsonl
     from preftune.eval.judges import JudgmentCache, build_judge, empty_reply_probe, judge_swapped
-    from preftune.eval.judging import judge_card, summarise, verdict
+    from preftune.eval.judging import judge_card, summarise, verdict, with_empty_probe
     from preftune.train.rundir import atomic_write_text
 
     items, labelled, sources, skipped = _read(cfg, path)
@@ -113,7 +113,7 @@ def run(cfg: JudgeRunConfig, path: str) -> dict:
     if labelled:
         card = judge_card([a for a, _ in orders], [b for _, b in orders], [lx for lx, _ in lengths],
                           [ly for _, ly in lengths], judge.mode, cfg.seed)
-        card.update(empty_reply_probe(judge, cache, [(p, x) for p, x, _ in items]))
+        card = with_empty_probe(card, empty_reply_probe(judge, cache, [(p, x) for p, x, _ in items]))
         result = {"judge": judge.name, "data": str(path), "skipped": skipped, **card}
         name = "judge_card.json"
     else:

@@ -335,7 +335,7 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
               "model": cfg.model, "minutes": (time.perf_counter() - t0) / 60}
     (root / "judge_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
     (root / "winrate.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    plot_winrate(points, root / "winrate.png", informative=card["informative"],
+    plot_winrate(points, root / "winrate.png", informative=card["informative"], why=card["uninformative_because"],
                  title=f"{cfg.model}: win rate vs HH chosen, judge {_short_name(judge.name)}")
     print(format_points(points, card))
     return result
@@ -352,12 +352,12 @@ def _short_name(name: str) -> str:
 
 def _judge_card(judge, cache, pairs: list, seed: int) -> dict:
     from preftune.eval.judges import empty_reply_probe, judge_both_orders
-    from preftune.eval.judging import judge_card
+    from preftune.eval.judging import judge_card, with_empty_probe
 
     orders = judge_both_orders(judge, cache, [(p.prompt, p.chosen, p.rejected) for p in pairs])
-    return {**judge_card([a for a, _ in orders], [b for _, b in orders], [len(p.chosen.split()) for p in pairs],
-                         [len(p.rejected.split()) for p in pairs], judge.mode, seed),
-            **empty_reply_probe(judge, cache, [(p.prompt, p.chosen) for p in pairs])}
+    card = judge_card([a for a, _ in orders], [b for _, b in orders], [len(p.chosen.split()) for p in pairs],
+                      [len(p.rejected.split()) for p in pairs], judge.mode, seed)
+    return with_empty_probe(card, empty_reply_probe(judge, cache, [(p.prompt, p.chosen) for p in pairs]))
 
 
 def format_points(points: list[dict], card: dict) -> str:
@@ -368,13 +368,12 @@ def format_points(points: list[dict], card: dict) -> str:
                      f"{p['win_rate']:>10.3f}   [{p['ci_low']:.3f}, {p['ci_high']:.3f}]"
                      f"{p['length_controlled_win_rate']:>7.3f}{p['ties']:>6}{p['fails']:>6}"
                      f"{p['mean_length']:>7.1f}{p.get('empty', 0):>6}")
-    verdict = "informative" if card["informative"] else "UNINFORMATIVE (does not beat always-longer)"
+    verdict = "informative" if card["informative"] else f"UNINFORMATIVE (it {card.get('uninformative_because')})"
     lines.append(f"judge accuracy on held-out human labels {card['accuracy']:.3f} (always-longer "
                  f"{card['baseline_always_longer']:.3f}, kappa {card['kappa']:.2f}, swap consistency "
                  f"{card['swap_consistency']:.2f}): {verdict}")
     if card.get("prefers_empty_reply", 0) > 0.5:
-        lines.append(f"the judge prefers an EMPTY reply to the human-chosen one on {card['prefers_empty_reply']:.0%} "
-                     f"of the held-out pairs: a method with empty replies (column 'empty') wins for that alone")
+        lines.append("a method with empty replies (column 'empty') wins against this judge for that alone")
     return "\n".join(lines)
 
 
