@@ -58,8 +58,17 @@ def test_resume_continues_in_run_dir_with_its_saved_config_and_overrides(command
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["command"] == command
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
     capsys.readouterr()
+    # an override that changes what is trained is refused, before anything loads, naming the key and both values
+    capsys.readouterr()
+    assert main([command, "--resume", str(run_dir), more, "train.seed=7"]) == 2
+    err = capsys.readouterr().err
+    assert "these overrides change what the run trains: train.seed (saved 0, given 7)" in err
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]  # nothing ran
     # the saved config (seed, sizes, data) is the run's; only the override changes, and the run stays in run_dir
-    assert main([command, "--resume", str(run_dir), more]) == 0
+    assert main([command, "--resume", str(run_dir), more, "train.seed=0"]) == 0  # the saved value: harmless
+    key, value = more.split("=")
+    section, name = key.split(".")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())[section][name] == int(value)  # recorded
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r or "reward" in r] == [1, 2, 3]
     saved_before = load_config(run_dir / "config.yaml", base=__import__(f"preftune.recipes.{command}",
                                                                          fromlist=["CONFIG"]).CONFIG())

@@ -16,7 +16,14 @@ from preftune.errors import ConfigError
 log = logging.getLogger(__name__)
 FORMATTER = argparse.RawDescriptionHelpFormatter
 RESUME_RULE = ("--resume RUN_DIR continues the run in RUN_DIR from its last checkpoint, with the config saved there\n"
-               "(RUN_DIR/config.yaml); key=value overrides still apply, a YAML file is refused.")
+               "(RUN_DIR/config.yaml); overrides may only extend or observe it (train.max_steps, ppo.iterations, the\n"
+               "log/eval/save cadence, threads, plots; they are recorded there); one that changes what is trained is\n"
+               "refused, and so is a YAML file.")
+# keys an override may change on --resume: they extend the run or change how it is observed, not what it computes
+RESUMABLE_KEYS = frozenset({
+    "train.max_steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.eval_batch_size", "train.progress", "train.num_threads", "train.max_skipped_steps", "train.save_final",
+    "ppo.iterations", "ppo.eval_every", "ppo.save_every", "run.plot", "run.dir"})
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -56,8 +63,33 @@ def load_run_config(args: list[str], resume: str | None, new: Callable[[], Any],
         if not saved.is_file():
             raise FileNotFoundError(f"--resume {resume}: no config.yaml there (not a run directory)")
         cfg = load_config(saved, [*overrides, f"run.dir={resume}"], base=new(), skip_defaults=True)
+        _check_resume_overrides(saved, overrides, cfg, new)
     if check is not None:
         check(cfg)
+    return cfg
+
+
+def _check_resume_overrides(saved: Path, overrides: list[str], cfg: Any, new: Callable[[], Any]) -> None:
+    """Refuse overrides that would change what a resumed run computes (model, data, loss, beta, lr, batch shape,
+    seed...): a run continued under other settings is neither the old run nor a new one. Keys that only extend or
+    observe it (``RESUMABLE_KEYS``) are allowed; an override equal to the saved value is harmless."""
+    before = load_config(saved, base=new(), skip_defaults=True)
+    changed = []
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in RESUMABLE_KEYS:
+            continue
+        old, now = _lookup(before, key), _lookup(cfg, key)
+        if old != now:
+            changed.append(f"{key} (saved {old!r}, given {now!r})")
+    if changed:
+        raise ConfigError(f"--resume {saved.parent}: these overrides change what the run trains: {', '.join(changed)}; "
+                          f"start a new run for them (only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume)")
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
     return cfg
 
 

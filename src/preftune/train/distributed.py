@@ -243,7 +243,7 @@ class Processes:
         outcome = None
         if self.is_main:  # process 0 takes the directory; a refusal is raised by every process, not only the first
             try:
-                outcome = str(make_run_dir(cfg, command)) if not resume else lock_run_dir(Path(cfg.run.dir))
+                outcome = str(make_run_dir(cfg, command)) if not resume else _continue_run_dir(cfg, command)
             except ConfigError as exc:
                 outcome = exc
         outcome = self.broadcast(outcome)
@@ -266,3 +266,15 @@ class Processes:
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
+
+
+
+def _continue_run_dir(cfg, command: str) -> None:
+    """A resumed run's directory: taken for this process, and its config.yaml rewritten with the overrides the
+    resume applied (only keys that may change on resume), so the directory keeps describing the run."""
+    from pathlib import Path
+
+    from preftune.train.rundir import lock_run_dir, write_run_config
+
+    lock_run_dir(Path(cfg.run.dir))
+    write_run_config(cfg, Path(cfg.run.dir), command)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from preftune.config import Config, save_config
+from preftune.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,24 @@ def make_run_dir(cfg: Config, command: str) -> Path:
     if held:
         log.warning("run.overwrite=true: removed the previous run in %s (%s)", path, ", ".join(held))
     cfg.run.dir = str(path)
-    # the command is recorded when the config is that command's own (the demo's DPO run saves a DemoConfig)
-    own = getattr(type(cfg), "COMMANDS", (getattr(type(cfg), "COMMAND", command),))
-    save_config(cfg, path / "config.yaml", command=command if command in own else None)
+    write_run_config(cfg, path, command)
     write_env(path, cfg.train.seed)
     return path
 
 
 _LOCKS: dict[str, Any] = {}  # resolved run directory -> the open lock file this process holds (until it exits)
+
+
+def write_run_config(cfg: Config, path: Path, command: str) -> None:
+    """``RUN/config.yaml``, atomically: the resolved config, naming ``command`` when the config is that command's
+    own (the demo's DPO run saves a DemoConfig)."""
+    import yaml
+
+    from preftune.config import to_dict
+
+    own = getattr(type(cfg), "COMMANDS", (getattr(type(cfg), "COMMAND", command),))
+    data = ({"command": command} if command in own else {}) | to_dict(cfg)
+    atomic_write_text(path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
 def lock_run_dir(path: Path) -> None:
