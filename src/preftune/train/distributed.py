@@ -236,7 +236,7 @@ class Processes:
         """The run directory: named and written (config, env) by process 0, its name broadcast to the others."""
         from pathlib import Path
 
-        from preftune.train.rundir import lock_run_dir, make_run_dir
+        from preftune.train.rundir import make_run_dir
 
         from preftune.errors import ConfigError
 
