@@ -242,17 +242,23 @@ def test_a_run_dir_holding_a_run_is_refused_or_replaced_never_mixed(tmp_path, pa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000003"]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.lr=-1", "config key 'train.lr' must be >= 0, got -1"),
-    ("train.max_skipped_steps=-2", "config key 'train.max_skipped_steps' must be >= 0"),
-    ("run.dir={file}", "run.dir {file} is a file, not a directory"),
+@pytest.mark.parametrize("args,message", [
+    (["dpo", "train.lr=-1"], "config key 'train.lr' must be >= 0, got -1"),
+    (["dpo", "train.max_skipped_steps=-2"], "config key 'train.max_skipped_steps' must be >= 0"),
+    (["dpo", "run.dir={file}"], "run.dir {file} is a file, not a directory"),
+    # a typo in an alias: no minute of hub retries, the aliases named and the likely one suggested
+    (["dpo", "model=smollm2-135"], "is not an alias (smollm2-135m, tiny)"),
+    (["dpo", "model=smollm2-135"], "did you mean 'smollm2-135m'?"),
+    (["score", "{pairs}", "--scorer", "nope"], "unknown scorer 'nope'; choose one of: sentiment, vader, rm:PATH"),
 ])
-def test_bad_run_settings_are_one_line_errors(tmp_path, pairs_file, override, message):
+def test_bad_settings_are_one_line_errors(tmp_path, pairs_file, args, message):
     file = tmp_path / "a-file"
     file.write_text("x")
-    out = _cli(["dpo", *COMMON, f"data.train={pairs_file}", f"run.dir={tmp_path / 'run'}",
-                override.format(file=file)])
-    assert out.returncode == 2 and message.format(file=file) in out.stderr and "Traceback" not in out.stderr
+    command, *rest = [a.format(file=file, pairs=pairs_file) for a in args]
+    extra = [] if command == "score" else [*COMMON, f"data.train={pairs_file}", f"run.dir={tmp_path / 'run'}"]
+    out = _cli([command, *extra, *rest])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message.format(file=file) in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_stays(tmp_path, straight):

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from preftune import paths
+from preftune.errors import InputError
 from preftune.data.schema import review_text
 
 ORACLE_VERSION = "rt-tfidf-lr-1"  # bump when training or the cache layout changes
@@ -275,25 +276,30 @@ def _oracle_for(cache_root: Path) -> SentimentOracle:
 
 def get_scorer(name: str) -> Scorer:
     """``"sentiment"`` (the oracle, P(positive)), ``"vader"`` (compound score) or ``"rm:PATH"`` (the reward
-    model saved at PATH by ``preftune reward``; normalised scores, field ``score_rm``)."""
+    model saved at PATH by ``preftune reward``; normalised scores, field ``score_rm``). Another name is an
+    :class:`~preftune.errors.InputError` (exit 2, one line)."""
     if name == "sentiment":
         return _oracle_for(paths.cache_dir())
     if name == "vader":
         return VaderScorer()
     if name.startswith("rm:"):
         if not name[3:]:
-            raise ValueError("scorer 'rm:PATH' needs the reward model directory, e.g. rm:runs/x/reward_model")
+            raise InputError("scorer 'rm:PATH' needs the reward model directory, e.g. rm:runs/x/reward_model")
         from preftune.models.reward_model import RewardModelScorer
 
         return RewardModelScorer(name[3:])
-    raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORER_NAMES)}, rm:PATH")
+    raise InputError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORER_NAMES)}, rm:PATH")
 
 
 def score_file(in_path: str | Path, out_path: str | Path, scorer_name: str) -> float:
     """Add ``score_<name>`` to every JSONL row of ``in_path``, computed on the full review
     ``prompt + completion`` (``prompt`` optional, empty if absent); write ``out_path``
-    atomically; return the mean score."""
+    atomically; return the mean score. A bad row is a DataError naming the file, the line and the field."""
+    from preftune.data.records import write_jsonl
+    from preftune.errors import DataError
+
     in_path, out_path = Path(in_path), Path(out_path)
+    scorer = get_scorer(scorer_name)  # an unknown scorer is named before the file is read
     rows = []
     with in_path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -302,25 +308,15 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer_name: str) -> f
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{in_path}:{line_no}: not JSON ({err.msg})") from None
+                raise DataError(str(in_path), line_no, None, f"not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{in_path}:{line_no}: needs a string field 'completion'")
+                raise DataError(str(in_path), line_no, "completion", "missing or not a string")
             if not isinstance(row.get("prompt", ""), str):
-                raise ValueError(f"{in_path}:{line_no}: 'prompt' must be a string")
+                raise DataError(str(in_path), line_no, "prompt", "not a string")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{in_path}: no rows to score")
-    scorer = get_scorer(scorer_name)
+        raise InputError(f"{in_path}: no rows to score")
     scores = scorer([review_text(r.get("prompt", ""), r["completion"]) for r in rows])
     field = f"score_{scorer.name}"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row, score in zip(rows, scores):
-                f.write(json.dumps({**row, field: score}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_jsonl(out_path, ({**row, field: score} for row, score in zip(rows, scores)))
     return float(np.mean(scores))

@@ -163,7 +163,34 @@ def resolve_spec(spec: str) -> str:
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelSpecError(f"model not found: {spec}")
-    return spec  # a hub id: works where the user has a network and the hub cache
+    return _hub_id(spec)
+
+
+def _hub_id(spec: str) -> str:
+    """``spec`` as a hub id when the local hub cache holds it or the hub answers for it (one request, 10 s at most);
+    otherwise a clear error at once, naming the aliases (a typo in an alias used to wait ~48 s on the hub's
+    retries, then end in a traceback)."""
+    import difflib
+
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    aliases = [DEFAULT_ALIAS, TINY_ALIAS]
+    close = difflib.get_close_matches(spec, aliases, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    what = (f"model not found: {spec!r} is not an alias ({', '.join(aliases)}), a local model directory or .gguf "
+            f"file, or a hub model")
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return spec
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise ModelSpecError(f"{what} in the local hub cache (HF_HUB_OFFLINE is set){hint}")
+        model_info(spec, timeout=10)
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # not on the hub, an invalid id, or no network: the hub's own words, shortened
+        cause = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"{what} reachable from here ({cause}){hint}") from None
+    return spec
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
