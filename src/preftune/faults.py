@@ -5,7 +5,8 @@
 ``PREFTUNE_FAULT=sigterm:N`` / ``sigint:N`` send SIGTERM / SIGINT after step N, ``sigint_mid_save:N`` a SIGINT
 half-way through that checkpoint;
 ``PREFTUNE_FAULT=nan_loss:N`` makes the loss of optimizer step N NaN (``nan_loss:N+``: of step N and every later
-one), a real NaN through the backward. Several faults: comma-separated. Unset in normal
+one), a real NaN through the backward. ``@R`` after the step: only in the process of rank R (``sigterm:3@1``).
+Several faults: comma-separated. Unset in normal
 use, so these are no-ops. They exist because "a killed run resumes to the same weights" and "a crash
 mid-save leaves the previous checkpoint usable" are promises that need a deterministic test.
 """
@@ -34,8 +35,9 @@ def _asked(point: str) -> list:
     out = []
     for spec in filter(None, os.environ.get("PREFTUNE_FAULT", "").split(",")):
         name, _, step = spec.partition(":")
+        step, _, rank = step.partition("@")  # "sigterm:3@1": only the process of rank 1
         where, sig = _FAULTS.get(name, (None, None))
-        if where != point:
+        if where != point or (rank and rank != os.environ.get("RANK", "0")):
             continue
         if not step or (step.endswith("+") and _current_step >= int(step[:-1])) or step == str(_current_step):
             out.append(sig)
