@@ -299,3 +299,56 @@ def test_metrics_that_cannot_be_written_keep_every_whole_row(tmp_path, straight)
     rows = read_metrics(run_dir / "metrics.jsonl")  # parses: no half row at the end
     assert [r["step"] for r in rows] == [1, 2]
     assert (run_dir / "metrics.jsonl").read_text().endswith("\n")
+
+
+def _in_a_mount_namespace(tmp_path: Path, mount_options: str, args: list[str]) -> tuple[int, str, Path]:
+    """``preftune ARGS`` in a private mount namespace (``unshare -rm``: no privileges needed where user namespaces
+    are allowed) with a tmpfs mounted at ``tmp_path/disk`` (``mount_options``: its size, ``ro``); the run directory
+    it leaves there is copied out before the namespace goes. (exit status, stderr, the copy)."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespaces here (unshare -rm); the RLIMIT_FSIZE tests cover write failures")
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    command = " ".join(["exec", sys.executable, "-m", "preftune.cli", *args])
+    script = (f'mount -t tmpfs -o {mount_options} tmpfs "{disk}" || exit 99\n'
+              f'({command}) 2> "{tmp_path}/stderr"; code=$?\n'
+              f'if [ -d "{disk}/run" ]; then cp -a "{disk}/run" "{copy}"; fi\n'
+              f'exit $code\n')
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PREFTUNE_FAULT", None)
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode != 99, f"mounting a tmpfs failed: {done.stderr}"
+    return done.returncode, (tmp_path / "stderr").read_text(), copy
+
+
+def test_a_full_disk_fails_the_checkpoint_cleanly_and_the_previous_one_resumes(tmp_path, pairs_file):
+    """A real full disk (a 32 MB tmpfs; each checkpoint of `tiny` under SGD holds 13 MB of weights, and the
+    third is written before the oldest is pruned): ENOSPC is named with the path, exit 74; the checkpoint of step
+    4 stays the latest and verifies, and resuming it on a disk with room equals an uninterrupted run."""
+    from preftune.train.checkpoint import checkpoint_problem
+
+    args = [*COMMON, "train.optimizer=sgd", f"data.train={pairs_file}", "train.batch_size=2", "train.max_steps=8",
+            "train.save_every=2", "train.log_every=1"]
+    code, err, copy = _in_a_mount_namespace(tmp_path, "size=32m", ["dpo", *args, f"run.dir={tmp_path}/disk/run"])
+    assert code == 74, err[-2000:]
+    assert "error: cannot write checkpoint" in err and "step-000006: No space left on device" in err
+    assert "Traceback" not in err
+    assert (copy / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    assert checkpoint_problem(copy / "checkpoints" / "step-000004") is None
+    assert not list((copy / "checkpoints").glob(".tmp-*"))
+    straight = _cli(["dpo", *args, f"run.dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed = _cli(["dpo", "--resume", str(copy)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_run(tmp_path / "straight", copy)
+
+
+def test_a_read_only_run_dir_is_a_one_line_error(tmp_path, pairs_file):
+    code, err, _ = _in_a_mount_namespace(tmp_path, "ro,size=1m", ["dpo", *COMMON, f"data.train={pairs_file}",
+                                                                   f"run.dir={tmp_path}/disk/run"])
+    assert code == 2, err[-2000:]
+    assert f"error: run.dir {tmp_path}/disk/run cannot be created: Read-only file system" in err
+    assert "Traceback" not in err
