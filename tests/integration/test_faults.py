@@ -352,3 +352,23 @@ def test_a_read_only_run_dir_is_a_one_line_error(tmp_path, pairs_file):
     assert code == 2, err[-2000:]
     assert f"error: run.dir {tmp_path}/disk/run cannot be created: Read-only file system" in err
     assert "Traceback" not in err
+
+
+def test_sampling_stopped_by_sigterm_leaves_no_partial_output(tmp_path):
+    """`preftune sample` writes its output atomically: stopped at any moment, the output file is absent (or, if it
+    finished first, whole); never a truncated file presented as the result."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review number {i}:"} for i in range(600)])
+    out = tmp_path / "samples.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "sample", "tiny", "--prompts", str(prompts),
+                             "--out", str(out), "--max-new-tokens", "48", "--batch-size", "16"],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        time.sleep(8)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    if proc.returncode == 0:  # it finished before the signal: then the file is whole
+        assert len(out.read_text().splitlines()) == 600
+    else:
+        assert proc.returncode == -signal.SIGTERM and not out.exists()
