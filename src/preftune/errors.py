@@ -35,12 +35,13 @@ class DataError(ValueError):
     def __init__(self, file: str, line: int | None, field: str | None, message: str, *, reason: str | None = None):
         self.file, self.line, self.field, self.message = file, line, field, message
         self.reason = reason or default_reason(field, message)
+        self.hint = ""  # e.g. that on_invalid=skip would skip the record (set by the reader that raises it)
         super().__init__(str(self))
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         what = self.message if self.field is None else f"field '{self.field}': {self.message}"
-        return f"{where}: {what}"
+        return f"{where}: {what}" + (f" ({self.hint})" if self.hint else "")
 
     def __reduce__(self):  # keep the error picklable (multiprocessing data workers)
         return (_rebuild_error, (self.file, self.line, self.field, self.message, self.reason))

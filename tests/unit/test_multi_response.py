@@ -192,7 +192,7 @@ def test_each_bad_multi_response_record_names_file_line_and_field(tmp_path, case
     path = _jsonl(tmp_path / "bad.jsonl", [PAIR, {"prompt": "p", "ranked": ["x", "y"]}, bad])
     with pytest.raises(DataError) as err:
         read_preference_pairs(path)
-    assert str(err.value) == f"{path}:3: {expected}"
+    assert str(err.value) == f"{path}:3: {expected} (on_invalid=skip would skip this record and count it)"
     assert (err.value.file, err.value.line) == (str(path), 3)
     pairs, report = read_preference_pairs(path, on_invalid="skip")
     assert (len(pairs), report.skipped, report.total) == (2, 1, 3)

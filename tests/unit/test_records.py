@@ -152,7 +152,8 @@ def test_csv_empty_cell_is_an_empty_field_on_its_physical_line(tmp_path):
     path.write_text('prompt,chosen,rejected\n"two\nlines",a,b\np,,b\n', encoding="utf-8")
     with pytest.raises(DataError) as err:
         read_preference_pairs(path)
-    assert str(err.value) == f"{path}:4: field 'chosen': empty"
+    # the error says what would have happened under on_invalid=skip
+    assert str(err.value) == f"{path}:4: field 'chosen': empty (on_invalid=skip would skip this record and count it)"
 
 
 def test_extra_message_keys_are_dropped_and_extra_record_keys_ignored(tmp_path):

@@ -178,6 +178,8 @@ def _read(path, convert: Callable[[Any, str, int], list], on_invalid: str,
             records.extend(convert(raw, file, line))
         except DataError as err:
             if on_invalid == "error":
+                if line is not None:  # one record's fault, not the file's
+                    err.hint = "on_invalid=skip would skip this record and count it"
                 raise
             report.add(err)
     return records[:limit], report
