@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,9 +155,11 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and math.isnan(value):  # NaN would pass every range check
+        raise ConfigError(f"config key '{key}': expected a number, got nan")
     if hint in (int, float, str, bool):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
             return value
@@ -317,7 +320,7 @@ def parse_override(text: str, cfg: Config | None = None) -> tuple[str, Any]:
         return key, raw
     try:
         return key, yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a date like 2001-13-45; RecursionError: [[[[..
         return key, raw
 
 
@@ -344,8 +347,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, a date like 2001-13-45
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise ConfigError(f"{path}: invalid YAML: {why}") from None
         if isinstance(loaded, dict) and "command" in loaded:
             named = loaded.pop("command")
             if not isinstance(named, str) or not named:

@@ -77,9 +77,13 @@ def _score(value: Any, name: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         got = "null" if value is None else type(value).__name__
         raise Invalid(name, f"{what} must be a number, got {got}", f"field '{name}': score is not a number")
+    try:
+        infinite = math.isinf(value)
+    except OverflowError:  # an integer beyond a float's range (a JSON number may have any number of digits)
+        infinite, value = True, math.inf if value > 0 else -math.inf
     if math.isnan(value):
         raise Invalid(name, f"{what} is NaN", f"field '{name}': score is NaN")
-    if math.isinf(value):  # an infinite reward is a bug upstream, and it makes every gap infinite
+    if infinite:  # an infinite reward is a bug upstream, and it makes every gap infinite
         raise Invalid(name, f"{what} must be finite, got {value}", f"field '{name}': score is infinite")
     return value
 

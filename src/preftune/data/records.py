@@ -17,15 +17,18 @@ import csv
 import gzip
 import json
 import os
+import re
+import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from preftune.data import multi
-from preftune.data.schema import (FORMATS, Comparison, PreferencePair, SFTExample, is_comparison, located,
-                                  validate_comparison, validate_pair, validate_sft)
+from preftune.data.schema import (FORMATS, Comparison, PreferencePair, SFTExample, check_text, is_comparison,
+                                  located, validate_comparison, validate_pair, validate_sft)
 from preftune.errors import DataError
 
 @dataclass
@@ -64,25 +67,53 @@ def validate_preferences(raw: dict, file: str, line: int, *,
 
 # ---------------------------------------------------------------- raw readers: (line, record)
 
+# Text files are read with errors="surrogateescape", so that a byte that is not UTF-8 becomes an error located at its
+# line (and skippable with it) rather than a UnicodeDecodeError that ends the read; this finds those bytes.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a pair, a lone one is no character
+
+
+def _loads(text: str, file: str, line: int | None) -> Any:
+    """``json.loads(text)``, or the DataError that says why not: bytes that are not UTF-8, bad syntax, an integer
+    longer than Python converts, nesting deeper than its parser recurses, or a lone surrogate (not text)."""
+    bad = _UNDECODABLE.search(text)
+    if bad:
+        line = line or text.count("\n", 0, bad.start()) + 1
+        return DataError(file, line, None, f"invalid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})",
+                         reason="invalid UTF-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return DataError(file, line or e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})",
+                         reason="invalid JSON")
+    except (ValueError, RecursionError) as e:
+        what = ("nested too deeply" if isinstance(e, RecursionError)
+                else f"an integer of more than {sys.get_int_max_str_digits()} digits")
+        return DataError(file, line, None, f"invalid JSON: {what}", reason="invalid JSON")
+    if _SURROGATE_ESCAPE.search(text):  # "\ud83d\ude00" is one character; "\ud800" alone cannot be written out
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            return DataError(file, line, None, "invalid JSON: a \\u escape of a lone surrogate (not a character)",
+                             reason="invalid JSON")
+    return value
+
 
 def _iter_jsonl(path: Path, file: str) -> Iterator[tuple[int, Any]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        for line_no, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, DataError(file, line_no, None, f"invalid JSON: {e.msg} (column {e.colno})",
-                                         reason="invalid JSON")
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape") as f:
+            for line_no, text in enumerate(f, 1):
+                if text.strip():
+                    yield line_no, _loads(text, file, line_no)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, cut short, or damaged
+        raise DataError(file, None, None, f"unreadable gzip file ({e})", reason="unreadable gzip file") from None
 
 
 def _iter_json(path: Path, file: str) -> Iterator[tuple[int, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DataError(file, e.lineno, None, f"invalid JSON: {e.msg}") from None
+    data = _loads(path.read_text(encoding="utf-8-sig", errors="surrogateescape"), file, None)
+    if isinstance(data, DataError):
+        raise data
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -93,52 +124,82 @@ def _iter_json(path: Path, file: str) -> Iterator[tuple[int, Any]]:
 def _csv_cell(cell: str) -> Any:
     """Cells are strings; one that parses as a JSON list is a conversation (conversational CSV)."""
     if cell.lstrip().startswith("["):
-        try:
-            value = json.loads(cell)
-        except json.JSONDecodeError:
-            return cell  # ordinary text that happens to start with "["
+        value = _loads(cell, "", None)
         if isinstance(value, list):
             return value
-    return cell
+    return cell  # ordinary text, maybe one that happens to start with "["
+
+
+def _csv_header(header: list[str], file: str) -> list[str]:
+    """The column names; one given twice would make a record take the last one's cell and drop the first."""
+    for name in header:
+        if _UNDECODABLE.search(name):
+            raise DataError(file, 1, None, "invalid UTF-8 in the header", reason="invalid UTF-8")
+        if name and header.count(name) > 1:
+            raise DataError(file, 1, name, "column given twice in the header")
+    return header
+
+
+def _csv_record(header: list[str], row: list[str], file: str, line: int) -> Any:
+    """One row as a record, or the DataError that says why not."""
+    if len(row) > len(header):  # zip would shift the cells and drop the last: an unquoted comma?
+        return DataError(file, line, None, f"{len(row)} cells, but the header names {len(header)} "
+                         "columns (a comma inside an unquoted cell?)", reason="more cells than columns")
+    for name, cell in zip(header, row, strict=False):
+        if _UNDECODABLE.search(cell):
+            return DataError(file, line, name, "invalid UTF-8", reason="invalid UTF-8")
+    return {key: _csv_cell(cell) for key, cell in zip(header, row, strict=False)}
 
 
 def _iter_csv(path: Path, file: str) -> Iterator[tuple[int, Any]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None) or []
-        start = reader.line_num + 1  # physical line where the next record begins (header = 1)
-        for row in reader:
-            if len(row) > len(header):  # zip would shift the cells and drop the last: an unquoted comma?
-                yield start, DataError(file, start, None, f"{len(row)} cells, but the header names {len(header)} "
-                                       "columns (a comma inside an unquoted cell?)", reason="more cells than columns")
-            elif row:
-                yield start, {key: _csv_cell(cell) for key, cell in zip(header, row, strict=False)}
-            start = reader.line_num + 1
+        try:
+            header = _csv_header(next(reader, None) or [], file)
+            start = reader.line_num + 1  # physical line where the next record begins (header = 1)
+            for row in reader:
+                if row:
+                    yield start, _csv_record(header, row, file, start)
+                start = reader.line_num + 1
+        except csv.Error as e:  # e.g. a cell over the csv module's field size limit
+            raise DataError(file, reader.line_num or None, None, f"unreadable CSV ({e})",
+                            reason="unreadable CSV") from None
 
 
 def _iter_parquet(path: Path, file: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq  # lazy: pyarrow costs ~0.3 s to import
+    import pyarrow as pa  # lazy: pyarrow costs ~0.3 s to import
+    import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # not Parquet, cut short, damaged, or a string
+        # column holding bytes that are not UTF-8 (pyarrow's IO errors are OSErrors; Arrow does not check strings)
+        raise DataError(file, None, None, f"unreadable Parquet file ({e})", reason="unreadable Parquet file") from None
 
 
 def _iter_saved_dataset(path: Path, file: str, split: str | None) -> Iterator[tuple[int, Any]]:
     import datasets  # lazy: slow to import
 
+    unreadable = "unreadable datasets.save_to_disk directory"
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError as e:
         raise DataError(file, None, None, f"not a directory saved by datasets.save_to_disk ({e})") from None
+    except Exception as e:  # a damaged one: datasets raises whatever its JSON and Arrow readers meet, of many types
+        raise DataError(file, None, None, f"{unreadable} ({type(e).__name__}: {e})", reason=unreadable) from None
     if isinstance(ds, datasets.DatasetDict):
         split = split or "train"
         if split not in ds:
             raise DataError(file, None, None, f"no split '{split}'; splits: {', '.join(ds)} (use DIR::split)")
         ds = ds[split]
-    yield from enumerate(ds, 1)
+    try:
+        yield from enumerate(ds, 1)
+    except UnicodeDecodeError as e:  # a string column holding bytes that are not UTF-8 (Arrow does not check)
+        raise DataError(file, None, None, f"{unreadable} ({e})", reason=unreadable) from None
 
 
 def _iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -226,8 +287,8 @@ def holds_comparisons(path: str | Path) -> bool:
     return is_comparison(first_record(path))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All objects of a JSONL(.gz) file; the first bad line raises :class:`DataError`."""
+def read_jsonl_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """``(line, object)`` for each object of a JSONL(.gz) file; the first bad line raises :class:`DataError`."""
     if not Path(path).exists():
         raise DataError(str(path), None, None, "file not found")
     rows = []
@@ -236,8 +297,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise raw
         if not isinstance(raw, dict):
             raise DataError(str(path), line, None, f"expected a JSON object, got {type(raw).__name__}")
-        rows.append(raw)
+        rows.append((line, raw))
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All objects of a JSONL(.gz) file; the first bad line raises :class:`DataError`."""
+    return [row for _, row in read_jsonl_rows(path)]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
@@ -271,13 +337,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 
 def read_prompts(path: str | Path) -> list:
-    """The ``prompt`` field of each JSONL row: a non-empty string or a non-empty list of messages."""
-    prompts = []
-    for i, row in enumerate(read_jsonl(path), start=1):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-            raise DataError(str(path), i, "prompt", "missing, empty, or not a string / list of messages")
-        prompts.append(prompt)
+    """The ``prompt`` field of each JSONL row: a non-empty string or a non-empty list of {role, content} messages
+    (canonical copies, as for pairs); a bad one is a DataError naming its line."""
+    prompts = [located(lambda raw: check_text(raw.get("prompt"), "prompt", is_response=False), row, str(path), line)
+               for line, row in read_jsonl_rows(path)]
     if not prompts:
         raise DataError(str(path), None, None, "no prompts")
     return prompts

@@ -295,25 +295,18 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer_name: str) -> f
     """Add ``score_<name>`` to every JSONL row of ``in_path``, computed on the full review
     ``prompt + completion`` (``prompt`` optional, empty if absent); write ``out_path``
     atomically; return the mean score. A bad row is a DataError naming the file, the line and the field."""
-    from preftune.data.records import write_jsonl
+    from preftune.data.records import read_jsonl_rows, write_jsonl
     from preftune.errors import DataError
 
     in_path, out_path = Path(in_path), Path(out_path)
     scorer = get_scorer(scorer_name)  # an unknown scorer is named before the file is read
     rows = []
-    with in_path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(str(in_path), line_no, None, f"not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                raise DataError(str(in_path), line_no, "completion", "missing or not a string")
-            if not isinstance(row.get("prompt", ""), str):
-                raise DataError(str(in_path), line_no, "prompt", "not a string")
-            rows.append(row)
+    for line_no, row in read_jsonl_rows(in_path):  # the data readers' JSONL: BOM, bad bytes, bad JSON located
+        if not isinstance(row.get("completion"), str):
+            raise DataError(str(in_path), line_no, "completion", "missing or not a string")
+        if not isinstance(row.get("prompt", ""), str):
+            raise DataError(str(in_path), line_no, "prompt", "not a string")
+        rows.append(row)
     if not rows:
         raise InputError(f"{in_path}: no rows to score")
     scores = scorer([review_text(r.get("prompt", ""), r["completion"]) for r in rows])
