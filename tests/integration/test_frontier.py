@@ -36,6 +36,8 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
 
     # the same --out again: every finished run is reused (same settings), and the points are the same
     first = points
+    _stopped_and_resumed_gives_the_same_points(tmp_path, [a if a != str(out) else str(tmp_path / "stopped")
+                                                          for a in args], first)
     caplog.set_level("INFO", logger="preftune.recipes")
     assert main(args) == 0
     assert sum("reusing" in r.getMessage() for r in caplog.records) == 5  # DPO, Preferred-FT, RM, PPO, PPO-GT
@@ -71,3 +73,24 @@ def test_reuse_keys_hold_only_set_values():
     assert _changed(TrainConfig(), TrainConfig()) == {}
     assert _changed(TrainConfig(lr=1e-3, seed=3), TrainConfig()) == {"lr": 1e-3, "seed": 3}
     assert _changed(TrainConfig(), TrainConfig(lr=1e-3)) == {"lr": TrainConfig().lr}
+
+
+def _stopped_and_resumed_gives_the_same_points(tmp_path, args, expected):
+    """SIGTERM after step 3 of the first arm (DPO, 4 steps): the frontier exits 143 with that arm's checkpoint
+    written; the same command again resumes the arm from it (not from scratch) and ends with the same points."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "stopped"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PREFTUNE_FAULT="sigterm:3")
+    stopped = subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert (out / "runs" / "dpo-beta0.1" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    env.pop("PREFTUNE_FAULT")
+    resumed = subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "dpo-beta0.1 from its last checkpoint" in resumed.stderr
+    assert json.loads((out / "frontier.json").read_text())["points"] == expected

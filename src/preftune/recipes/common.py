@@ -158,24 +158,34 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind=kind)
 
 
-def reused_or_run(run_dir: Path, key: dict, run):
+def reused_or_run(run_dir: Path, key: dict, run, *, resumable: bool = False):
     """A run's result (its points), reused from ``RUN/result.json`` when it was written under the same ``key``, so
-    that an interrupted or re-tuned experiment (frontier, winrate) in the same ``--out`` repeats only what changed; otherwise the run
-    starts from scratch in an emptied ``run_dir``."""
+    that an interrupted or re-tuned experiment (frontier, winrate) in the same ``--out`` repeats only what changed.
+    A ``resumable`` run (``run(resume)``: its result is computed from its run directory after training) that was
+    stopped under the same key (``RUN/pending.json``, a checkpoint) continues from its last checkpoint; otherwise
+    the run starts from scratch in an emptied ``run_dir``."""
+    from preftune.train.checkpoint import latest_checkpoint
     from preftune.train.rundir import atomic_write_text
 
-    cache = run_dir / "result.json"
+    cache, pending = run_dir / "result.json", run_dir / "pending.json"
     key = json.loads(json.dumps(key))  # as it reads back
     if cache.is_file():
         saved = json.loads(cache.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             log.info("reusing %s (finished under the same settings)", run_dir)
             return saved["result"]
-    if run_dir.exists():
+    resume = (resumable and pending.is_file() and json.loads(pending.read_text(encoding="utf-8")) == key
+              and latest_checkpoint(run_dir) is not None)
+    if resume:
+        log.info("resuming %s from its last checkpoint (stopped under the same settings)", run_dir)
+    elif run_dir.exists():
         shutil.rmtree(run_dir)
-    result = run()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(pending, json.dumps(key))
+    result = run(resume) if resumable else run()
     # evaluated: the checkpoints (weights + optimizer state, ~1 GB each on SmolLM2, several per run) would fill
     # a disk over a whole frontier; each run's final policy/ stays for inspection
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=1))
+    pending.unlink(missing_ok=True)
     return result

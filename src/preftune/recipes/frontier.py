@@ -185,11 +185,11 @@ class _Frontier:
         """A DPO or Preferred-FT arm: train with checkpoints along the way, evaluate each checkpoint."""
         run_dir = self.root / "runs" / name
 
-        def train():
-            run(_sub_config(self.cfg, run_dir, self.data + overrides, base))
+        def train(resume: bool):
+            run(_sub_config(self.cfg, run_dir, self.data + overrides, base), resume=resume)
             return _checkpoint_points(method, setting, run_dir, self.held, self.cfg.model, self.cfg.train.seed)
 
-        return reused_or_run(run_dir, {**self.common, **key}, train)
+        return reused_or_run(run_dir, {**self.common, **key}, train, resumable=True)
 
     def reward_model(self) -> tuple[dict, dict]:
         """The learned reward model PPO optimises and best-of-N selects with: (its run's result, its reuse key)."""
@@ -203,8 +203,8 @@ class _Frontier:
                                  "train.layout=padded"]
         # keyed on what the reward run reads: its own overrides replace those train.* keys (train.lr, ...)
         key = {**self.common, "train": _train_without(self.cfg, overrides), "steps": self.f.reward_steps}
-        result = reused_or_run(rm_dir, key, lambda: run_reward(_sub_config(self.cfg, rm_dir, overrides,
-                                                                            RewardRunConfig())))
+        result = reused_or_run(rm_dir, key, lambda resume: run_reward(
+            _sub_config(self.cfg, rm_dir, overrides, RewardRunConfig()), resume=resume), resumable=True)
         return result, key
 
     def ppo(self, method: str, coef: float, scorer: str, scorer_key, iterations: int, prompts: list[str]) -> list:

@@ -136,11 +136,11 @@ class _Experiment:
 
         run_dir = self.root / "runs" / name
 
-        def train():
-            result = run(_sub_config(self.cfg, run_dir, overrides, base))
+        def train(resume: bool):
+            result = run(_sub_config(self.cfg, run_dir, overrides, base), resume=resume)
             return {"result": result, **(after(run_dir) if after else {})}
 
-        return reused_or_run(run_dir, {**self.common, **key}, train)
+        return reused_or_run(run_dir, {**self.common, **key}, train, resumable=True)
 
 
 def _dpo_samples(exp: _Experiment, sft_policy: str):

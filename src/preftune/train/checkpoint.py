@@ -217,13 +217,17 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
 
 
 def policies_along_training(run_dir: Path, spec: str, *, seed: int = 0):
-    """(step, policy) for every checkpoint a run kept, oldest first: the model ``spec`` rebuilt and the
-    checkpoint's weights loaded over it (not strict: a LoRA run's checkpoint holds only the adapter)."""
+    """(step, policy) for every checkpoint a run kept along its training, oldest first: the model ``spec`` rebuilt
+    and the checkpoint's weights loaded over it (not strict: a LoRA run's checkpoint holds only the adapter). A
+    checkpoint written only because the run was stopped (SIGTERM, SIGINT) is not one of them: a stopped and resumed
+    run gives the same points as an uninterrupted one."""
     from safetensors.torch import load_file
 
     from preftune.models.load import load_causal_lm
 
     for ckpt in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
+        if json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("stopped"):
+            continue
         policy = load_causal_lm(spec, seed=seed)
         policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
         yield int(ckpt.name.split("-")[1]), policy

@@ -229,7 +229,8 @@ def fit(
                 faults.maybe_fault("after_step")
                 asked = stop.requested(procs)
                 if asked:
-                    stop_run(asked, step, run_dir, None if saved else functools.partial(save, step, window.sums))
+                    stop_run(asked, step, run_dir, None if saved else functools.partial(save, step, window.sums,
+                                                                                         stopped=True))
             if eval_fn is not None:
                 last_eval = _run_eval(eval_fn, metrics, step, model)
             if cfg.save_final:
@@ -325,20 +326,22 @@ class _Skips:
 
 
 def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model, optimizer, scheduler,
-          order: DataOrder, cfg: TrainConfig, skips: _Skips) -> None:
+          order: DataOrder, cfg: TrainConfig, skips: _Skips, stopped: bool = False) -> None:
     """A checkpoint (process 0 writes it; every process takes part in summing the metric window first; under
-    FSDP2 every process writes its own shards)."""
+    FSDP2 every process writes its own shards). ``stopped``: written only because the run was asked to stop (not a
+    point along training for :func:`~preftune.train.checkpoint.policies_along_training`)."""
     window = sums.summed(procs).state()
+    extra = {"stopped": True} if stopped else {}
     if procs.sharding == "fsdp2":
         save_sharded_checkpoint(run_dir, procs, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                                 trainer_state={"data": order.state(), "metrics_window": window,
-                                               "skipped_steps": skips.total},
+                                               "skipped_steps": skips.total, **extra},
                                 keep=cfg.keep_checkpoints)
         return
     if procs.is_main:
         save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                         trainer_state={"data": order.state(), "metrics_window": window,
-                                       "skipped_steps": skips.total}, keep=cfg.keep_checkpoints)
+                                       "skipped_steps": skips.total, **extra}, keep=cfg.keep_checkpoints)
     procs.barrier()
 
 
