@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: metrics so far are in the run directory; continue with --resume RUN_DIR",
               file=sys.stderr)
         return 130
+    finally:  # a command run in-process (tests, notebooks) does not keep its run directory locked
+        rundir = sys.modules.get("preftune.train.rundir")  # loaded only by commands that take one
+        if rundir is not None:
+            rundir.release_run_dirs()
 
 
 if __name__ == "__main__":

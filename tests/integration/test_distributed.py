@@ -76,14 +76,26 @@ def test_two_processes_with_a_precomputed_reference(tmp_path, pairs_file):
     assert [r["loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl")] == [r["loss"] for r in two]
 
 
+@pytest.fixture(scope="module")
+def straight_on_two(tmp_path_factory):
+    """(arguments, run directory) of one uninterrupted 5-step run on 2 processes, shared by the resume tests."""
+    from conftest import PAIRS
+
+    root = tmp_path_factory.mktemp("two")
+    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
+    args = COMMON + [f"data.train={pairs}", "train.max_steps=5", "train.batch_size=1", "train.grad_accum_steps=2"]
+    straight = _run(args + [f"run.dir={root / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return args, root / "straight"
+
+
 @pytest.mark.parametrize("fault,latest", [("after_step:3", "step-000002"),  # SIGKILL: the checkpoint before
                                           ("sigterm:3@1", "step-000003")])  # SIGTERM to process 1 alone
-def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, pairs_file, fault, latest):
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, straight_on_two, fault, latest):
     """A SIGTERM that reaches one process stops both after the same step (they ask each other once per step),
     with a checkpoint written there."""
-    args = COMMON + [f"data.train={pairs_file}", "train.max_steps=5", "train.batch_size=1", "train.grad_accum_steps=2"]
-    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    args, reference = straight_on_two
+    (tmp_path / "straight").symlink_to(reference)
     killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": fault})
     assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == latest
     if fault.startswith("sigterm"):

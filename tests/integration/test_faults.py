@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from preftune.cli import main
 from preftune.train.rundir import read_metrics
 
 from conftest import PAIRS, write_jsonl
@@ -70,6 +71,23 @@ def straight(tmp_path_factory):
     return args, root / "straight"
 
 
+@pytest.fixture(scope="module")
+def killed(straight, tmp_path_factory):
+    """The straight run's twin killed with SIGKILL after step 5: checkpoints of steps 2 and 4, its pid left in the
+    lock file. Each test works on a copy (:func:`_copy`)."""
+    args, _ = straight
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    assert _cli(["dpo", *args, f"run.dir={run_dir}"], fault="after_step:5").returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    return run_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
 @pytest.mark.parametrize("sig", ["sigterm", "sigint"])
 def test_signal_finishes_the_step_checkpoints_and_resume_equals_uninterrupted(tmp_path, straight, sig):
     args, reference = straight
@@ -82,9 +100,9 @@ def test_signal_finishes_the_step_checkpoints_and_resume_equals_uninterrupted(tm
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000005"  # written on the way out
     assert not (run_dir / "policy").exists()
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    resumed = _cli(["dpo", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _assert_same_run(reference, run_dir)
+    if sig == "sigterm":  # the same stop either way: resumed once
+        assert main(["dpo", "--resume", str(run_dir)]) == 0  # in this process: no interpreter start
+        _assert_same_run(reference, run_dir)
 
 
 def test_sigterm_from_outside_stops_cleanly(tmp_path, pairs_file):
@@ -121,18 +139,18 @@ def test_second_sigint_during_the_checkpoint_aborts_and_keeps_the_previous_one(t
     assert "Traceback" not in aborted.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000004"
     assert not (run_dir / "checkpoints" / "step-000005").exists()
-    resumed = _cli(["dpo", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert main(["dpo", "--resume", str(run_dir)]) == 0  # in this process: no interpreter start
     _assert_same_run(reference, run_dir)
 
 
-def test_a_nan_loss_skips_the_step_and_counts_it(tmp_path, pairs_file):
+def test_a_nan_loss_skips_the_step_and_counts_it(tmp_path, pairs_file, monkeypatch, caplog):
     """A NaN at step 3 of 3: no update (the weights equal a 2-step run's), counted, warned about; the run goes on."""
     args = COMMON + [f"data.train={pairs_file}", "train.batch_size=2", "train.log_every=1"]
-    two = _cli(["dpo", *args, "train.max_steps=2", f"run.dir={tmp_path / 'two'}"])
-    nan = _cli(["dpo", *args, "train.max_steps=3", f"run.dir={tmp_path / 'nan'}"], fault="nan_loss:3")
-    assert two.returncode == 0 and nan.returncode == 0, nan.stderr[-2000:]
-    assert "step 3 skipped: the loss or the gradient is not finite" in nan.stderr
+    assert main(["dpo", *args, "train.max_steps=2", f"run.dir={tmp_path / 'two'}"]) == 0
+    monkeypatch.setenv("PREFTUNE_FAULT", "nan_loss:3")
+    with caplog.at_level("WARNING", logger="preftune"):
+        assert main(["dpo", *args, "train.max_steps=3", f"run.dir={tmp_path / 'nan'}"]) == 0
+    assert "step 3 skipped: the loss or the gradient is not finite" in caplog.text
     a, b = _weights(tmp_path / "two"), _weights(tmp_path / "nan")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = read_metrics(tmp_path / "nan" / "metrics.jsonl")
@@ -166,12 +184,9 @@ def _corrupt(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how,file", [("truncate", "model.safetensors"), ("alter", "optimizer.safetensors")])
-def test_a_corrupted_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, straight, how, file):
-    args, reference = straight
-    run_dir = tmp_path / "run"
-    killed = _cli(["dpo", *args, f"run.dir={run_dir}"], fault="after_step:5")
-    assert killed.returncode == -signal.SIGKILL
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000004"
+def test_a_corrupted_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, straight, killed, how, file):
+    _, reference = straight
+    run_dir = _copy(killed, tmp_path)
     _corrupt(run_dir / "checkpoints" / "step-000004" / file, how)
     resumed = _cli(["dpo", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -180,17 +195,15 @@ def test_a_corrupted_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, 
     _assert_same_run(reference, run_dir)
 
 
-def test_no_trustworthy_checkpoint_is_a_clear_error(tmp_path, straight):
-    args, _ = straight
-    run_dir = tmp_path / "run"
-    assert _cli(["dpo", *args, f"run.dir={run_dir}"], fault="after_step:3").returncode == -signal.SIGKILL
-    _corrupt(run_dir / "checkpoints" / "step-000002" / "model.safetensors", "truncate")
-    resumed = _cli(["dpo", "--resume", str(run_dir)])
-    assert resumed.returncode == 2
-    assert "no checkpoint can be trusted" in resumed.stderr and "Traceback" not in resumed.stderr
+def test_no_trustworthy_checkpoint_is_a_clear_error(tmp_path, killed, capsys):
+    run_dir = _copy(killed, tmp_path)
+    for step in ("step-000002", "step-000004"):
+        _corrupt(run_dir / "checkpoints" / step / "model.safetensors", "truncate")
+    assert main(["dpo", "--resume", str(run_dir)]) == 2
+    assert "no checkpoint can be trusted" in capsys.readouterr().err
 
 
-def test_a_second_writer_is_refused_with_the_first_ones_pid_and_host(tmp_path, pairs_file):
+def test_a_second_writer_is_refused_with_the_first_ones_pid_and_host(tmp_path, pairs_file, capsys):
     import socket
 
     run_dir = tmp_path / "run"
@@ -201,9 +214,10 @@ def test_a_second_writer_is_refused_with_the_first_ones_pid_and_host(tmp_path, p
         deadline = time.monotonic() + 300
         while not read_metrics(run_dir / "metrics.jsonl") and time.monotonic() < deadline:
             time.sleep(0.05)
-        for second in (_cli(["dpo", *args, "train.max_steps=2"]), _cli(["dpo", "--resume", str(run_dir)])):
-            assert second.returncode == 2, second.stderr[-2000:]
-            assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}" in second.stderr
+        for second in (["dpo", *args, "train.max_steps=2"], ["dpo", "--resume", str(run_dir)]):
+            assert main(second) == 2  # in this process: the lock is the kernel's, whoever asks
+            assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}" in \
+                capsys.readouterr().err
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=300)
     finally:
@@ -213,11 +227,9 @@ def test_a_second_writer_is_refused_with_the_first_ones_pid_and_host(tmp_path, p
     assert steps == list(range(1, len(steps) + 1))  # only the first run's rows, none mixed in
 
 
-def test_a_killed_runs_lock_is_taken_over_on_resume(tmp_path, straight):
-    args, reference = straight
-    run_dir = tmp_path / "run"
-    killed = _cli(["dpo", *args, f"run.dir={run_dir}"], fault="after_step:3")
-    assert killed.returncode == -signal.SIGKILL
+def test_a_killed_runs_lock_is_taken_over_on_resume(tmp_path, straight, killed):
+    _, reference = straight
+    run_dir = _copy(killed, tmp_path)
     assert '"pid"' in (run_dir / ".lock").read_text()  # the killed run's pid is still in it
     resumed = _cli(["dpo", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -226,18 +238,18 @@ def test_a_killed_runs_lock_is_taken_over_on_resume(tmp_path, straight):
     _assert_same_run(reference, run_dir)
 
 
-def test_a_run_dir_holding_a_run_is_refused_or_replaced_never_mixed(tmp_path, pairs_file):
+def test_a_run_dir_holding_a_run_is_refused_or_replaced_never_mixed(tmp_path, pairs_file, capsys):
     run_dir = tmp_path / "run"
     args = COMMON + [f"data.train={pairs_file}", "train.batch_size=2", "train.max_steps=2", f"run.dir={run_dir}"]
-    assert _cli(["dpo", *args]).returncode == 0
+    assert main(["dpo", *args]) == 0
     before = (run_dir / "metrics.jsonl").read_text()
-    again = _cli(["dpo", *args, "train.max_steps=3"])
-    assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert f"run.dir {run_dir} already holds a run (metrics.jsonl, checkpoints, policy)" in again.stderr
-    assert f"--resume {run_dir}" in again.stderr and "run.overwrite=true" in again.stderr
+    capsys.readouterr()
+    assert main(["dpo", *args, "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"run.dir {run_dir} already holds a run (metrics.jsonl, checkpoints, policy)" in err
+    assert f"--resume {run_dir}" in err and "run.overwrite=true" in err
     assert (run_dir / "metrics.jsonl").read_text() == before  # untouched
-    replaced = _cli(["dpo", *args, "train.max_steps=3", "run.overwrite=true"])
-    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert main(["dpo", *args, "train.max_steps=3", "run.overwrite=true"]) == 0
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000003"]
 
@@ -251,37 +263,34 @@ def test_a_run_dir_holding_a_run_is_refused_or_replaced_never_mixed(tmp_path, pa
     (["dpo", "model=smollm2-135"], "did you mean 'smollm2-135m'?"),
     (["score", "{pairs}", "--scorer", "nope"], "unknown scorer 'nope'; choose one of: sentiment, vader, rm:PATH"),
 ])
-def test_bad_settings_are_one_line_errors(tmp_path, pairs_file, args, message):
+def test_bad_settings_are_one_line_errors(tmp_path, pairs_file, args, message, capsys):
     file = tmp_path / "a-file"
     file.write_text("x")
     command, *rest = [a.format(file=file, pairs=pairs_file) for a in args]
     extra = [] if command == "score" else [*COMMON, f"data.train={pairs_file}", f"run.dir={tmp_path / 'run'}"]
-    out = _cli([command, *extra, *rest])
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert message.format(file=file) in out.stderr and "Traceback" not in out.stderr
+    assert main([command, *extra, *rest]) == 2  # in this process: any exception but the CLI's own would escape
+    assert message.format(file=file) in capsys.readouterr().err
 
 
-def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_stays(tmp_path, straight):
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_previous_one_stays(tmp_path, straight, killed):
     """A real write failure (the kernel refuses a file past RLIMIT_FSIZE, between the weights' size and the
     optimizer state's): the run stops with the checkpoint's path and the cause, exit status 74; the previous
     checkpoint stays the latest and verifies, nothing half-written is left, and resuming equals the straight run."""
     from preftune.train.checkpoint import checkpoint_problem
 
-    args, reference = straight
-    run_dir = tmp_path / "run"
-    assert _cli(["dpo", *args, f"run.dir={run_dir}"], fault="after_step:3").returncode == -signal.SIGKILL
-    previous = run_dir / "checkpoints" / "step-000002"
+    _, reference = straight
+    run_dir = _copy(killed, tmp_path)
+    previous = run_dir / "checkpoints" / "step-000004"
     weights, optimizer = ((previous / name).stat().st_size for name in ("model.safetensors", "optimizer.safetensors"))
     assert optimizer > 1.5 * weights  # AdamW: two moments per weight
     failed = _cli(["dpo", "--resume", str(run_dir)], max_file_bytes=(weights + optimizer) // 2)
     assert failed.returncode == 74, failed.stderr[-2000:]
-    assert f"error: cannot write checkpoint {run_dir / 'checkpoints' / 'step-000004'}: File too large" in failed.stderr
+    assert f"error: cannot write checkpoint {run_dir / 'checkpoints' / 'step-000006'}: File too large" in failed.stderr
     assert "Traceback" not in failed.stderr
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000004"
     assert checkpoint_problem(previous) is None
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000002"]
-    resumed = _cli(["dpo", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000004"]
+    assert main(["dpo", "--resume", str(run_dir)]) == 0  # in this process: no interpreter start
     _assert_same_run(reference, run_dir)
 
 
@@ -339,10 +348,8 @@ def test_a_full_disk_fails_the_checkpoint_cleanly_and_the_previous_one_resumes(t
     assert (copy / "checkpoints" / "latest").read_text().strip() == "step-000004"
     assert checkpoint_problem(copy / "checkpoints" / "step-000004") is None
     assert not list((copy / "checkpoints").glob(".tmp-*"))
-    straight = _cli(["dpo", *args, f"run.dir={tmp_path / 'straight'}"])
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    resumed = _cli(["dpo", "--resume", str(copy)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert main(["dpo", *args, f"run.dir={tmp_path / 'straight'}"]) == 0
+    assert main(["dpo", "--resume", str(copy)]) == 0  # in this process: no interpreter start
     _assert_same_run(tmp_path / "straight", copy)
 
 

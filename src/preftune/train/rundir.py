@@ -108,13 +108,14 @@ def lock_run_dir(path: Path) -> None:
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     f.flush()
     if not _LOCKS:
-        atexit.register(_release_locks)
+        atexit.register(release_run_dirs)
     _LOCKS[key] = f
 
 
-def _release_locks() -> None:
-    """At a normal exit: empty the lock files this process holds (a killed process leaves its pid in them, which
-    the next run reports as a stale lock it takes over)."""
+def release_run_dirs() -> None:
+    """Give up the run directories this process holds (at the end of a command, and at exit): their lock files are
+    emptied and unlocked (a killed process leaves its pid in them, which the next run reports as a stale lock it
+    takes over)."""
     for f in _LOCKS.values():
         try:
             f.seek(0)
