@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("interrupted: metrics so far are in the run directory; continue with --resume RUN_DIR",
-              file=sys.stderr)
+        print("interrupted: the metrics logged so far are in the run directory; --resume RUN_DIR continues from "
+              "its last checkpoint (and starts again from step 0 if it has none yet)", file=sys.stderr)
         return 130
     finally:  # a command run in-process (tests, notebooks) does not keep its run directory locked
         rundir = sys.modules.get("preftune.train.rundir")  # loaded only by commands that take one

@@ -379,3 +379,23 @@ def test_sampling_stopped_by_sigterm_leaves_no_partial_output(tmp_path):
         assert len(out.read_text().splitlines()) == 600
     else:
         assert proc.returncode == -signal.SIGTERM and not out.exists()
+
+
+def test_resuming_a_finished_run_adds_nothing(tmp_path, pairs_file):
+    """--resume of a run that already reached train.max_steps: no step, no second final evaluation, no row and no
+    checkpoint are added; the policy stays the same."""
+    run_dir = tmp_path / "run"
+    assert main(["dpo", *COMMON, f"data.train={pairs_file}", "data.eval_fraction=0.5", "train.max_steps=2",
+                 "train.batch_size=2", f"run.dir={run_dir}"]) == 0
+
+    def files():
+        return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*")
+                if p.is_file() and p.name not in ("config.yaml", ".lock", "training.png")}
+
+    before = files()
+    assert any("eval/loss" in r for r in read_metrics(run_dir / "metrics.jsonl"))
+    assert main(["dpo", "--resume", str(run_dir)]) == 0
+    after = files()
+    assert after.keys() == before.keys()
+    assert after[Path("metrics.jsonl")] == before[Path("metrics.jsonl")]  # no second eval row
+    assert after[Path("policy/model.safetensors")] == before[Path("policy/model.safetensors")]

@@ -196,6 +196,10 @@ def fit(
     order = DataOrder(len(items), cfg.seed)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
     step, window, skips = _restore(resume, run_dir, model, optimizer, scheduler, order, metrics, device, procs)
+    finished = resume and 0 < cfg.max_steps <= step  # resuming a finished run adds nothing (no second final eval)
+    if finished:
+        log.info("%s already finished at step %d (train.max_steps=%d): nothing to train", run_dir, step,
+                 cfg.max_steps)
     model.train()
     progress = _progress(cfg, step, enabled=procs.is_main)
     timer = PhaseTimer(device)
@@ -231,9 +235,9 @@ def fit(
                 if asked:
                     stop_run(asked, step, run_dir, None if saved else functools.partial(save, step, window.sums,
                                                                                          stopped=True))
-            if eval_fn is not None:
+            if eval_fn is not None and not finished:
                 last_eval = _run_eval(eval_fn, metrics, step, model)
-            if cfg.save_final:
+            if cfg.save_final and not finished:
                 save(step, window.sums)
     finally:
         progress.close()
