@@ -399,3 +399,13 @@ def test_resuming_a_finished_run_adds_nothing(tmp_path, pairs_file):
     assert after.keys() == before.keys()
     assert after[Path("metrics.jsonl")] == before[Path("metrics.jsonl")]  # no second eval row
     assert after[Path("policy/model.safetensors")] == before[Path("policy/model.safetensors")]
+
+
+def test_a_sampling_output_that_cannot_be_written_is_named(tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}:"} for i in range(40)])
+    out = tmp_path / "samples.jsonl"
+    failed = _cli(["sample", "tiny", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "8"],
+                  max_file_bytes=1000)  # a few rows' worth
+    assert failed.returncode == 74, failed.stderr[-2000:]
+    assert f"error: cannot write output {out}: File too large" in failed.stderr and "Traceback" not in failed.stderr
+    assert not out.exists() and not list(tmp_path.glob(".samples.jsonl.*"))  # no partial file, no temporary left

@@ -314,26 +314,23 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     from preftune.train.rundir import writing
 
     path = Path(path)
-    with writing(path, "output"):  # a failed write names the path and its cause (the rows' own errors pass)
+    lines = [(json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows]  # the rows' own errors
+    with writing(path, "output"):  # a failed write names the path and its cause; no temporary file is left
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            f = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
-            for row in rows:
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                with writing(path, "output"):
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                f = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
+                for line in lines:
                     f.write(line)
-            with writing(path, "output"):
                 if f is not raw:
                     f.close()
                 raw.flush()
                 os.fsync(raw.fileno())
-        with writing(path, "output"):
             os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def read_prompts(path: str | Path) -> list:
