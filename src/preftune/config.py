@@ -243,6 +243,8 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError("config key 'data.max_prompt_tokens' must be below 'data.max_length' (responses need room)")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError("config key 'data.eval_fraction' must be in [0, 1)")
+    if d.limit is not None and d.limit < 1:
+        raise ConfigError(f"config key 'data.limit' must be >= 1 (or null for all), got {d.limit}")
     if d.max_pairs_per_prompt is not None and d.max_pairs_per_prompt < 1:
         raise ConfigError("config key 'data.max_pairs_per_prompt' must be >= 1 (or null for all pairs)")
 
@@ -257,6 +259,9 @@ def _check_train(t: TrainConfig) -> None:
                        ("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if t.num_threads is not None and t.num_threads < 1:
+        raise ConfigError(f"config key 'train.num_threads' must be >= 1 (or null for torch's default), got "
+                          f"{t.num_threads}")
 
 
 def _check_dpo(p: DPOConfig) -> None:
@@ -275,6 +280,8 @@ def _check_dpo(p: DPOConfig) -> None:
 def _check_lora(lora: LoRAConfig) -> None:
     if lora.r < 1:
         raise ConfigError("config key 'lora.r' must be >= 1")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lora.dropout}")
 
 
 _SECTION_CHECKS = {DataConfig: _check_data, TrainConfig: _check_train, DPOConfig: _check_dpo, LoRAConfig: _check_lora}

@@ -257,6 +257,9 @@ def test_a_run_dir_holding_a_run_is_refused_or_replaced_never_mixed(tmp_path, pa
 @pytest.mark.parametrize("args,message", [
     (["dpo", "train.lr=-1"], "config key 'train.lr' must be >= 0, got -1"),
     (["dpo", "train.max_skipped_steps=-2"], "config key 'train.max_skipped_steps' must be >= 0"),
+    (["dpo", "train.num_threads=0"], "config key 'train.num_threads' must be >= 1"),
+    (["dpo", "data.limit=-1"], "config key 'data.limit' must be >= 1"),
+    (["dpo", "lora.dropout=5"], "config key 'lora.dropout' must be in [0, 1), got 5"),
     (["dpo", "run.dir={file}"], "run.dir {file} is a file, not a directory"),
     # a typo in an alias: no minute of hub retries, the aliases named and the likely one suggested
     (["dpo", "model=smollm2-135"], "is not an alias (smollm2-135m, tiny)"),

@@ -393,3 +393,15 @@ def test_csv_row_with_more_cells_than_columns_is_an_error(tmp_path):
     assert str(err.value).startswith(f"{path}:3: 4 cells, but the header names 3 columns")
     pairs, report = read_preference_pairs(path, on_invalid="skip")
     assert [p.prompt for p in pairs] == ["ok"] and "more cells than columns" in str(report.summary())
+
+
+@pytest.mark.parametrize("line,field", [('{"label": 1, "text": "ok"', None), ('{"label": 2, "text": "t"}', "label"),
+                                        ('{"label": 1}', "text"), ("[" * 5000, None)])
+def test_imdb_prompts_reader_names_the_bad_line(tmp_path, line, field):
+    from preftune.eval.prompts import imdb_prompts
+
+    path = tmp_path / "reviews.jsonl"
+    path.write_text('{"label": 0, "text": "a fine film"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        imdb_prompts(path, 2, seed=0)
+    assert (err.value.file, err.value.line, err.value.field) == (str(path), 2, field)

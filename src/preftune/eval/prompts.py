@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from preftune.errors import DataError
 from preftune.eval.scorers import rotten_tomatoes_snippets
 
 _LEADING_JUNK = re.compile(r"^\W+")  # quotes, ellipses, dashes, brackets before the first word
@@ -99,11 +100,13 @@ def imdb_prompts(
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise DataError(str(path), line_no, None, f"not JSON ({getattr(err, 'msg', 'nested too deeply')})") \
+                    from None
             if not isinstance(row, dict) or row.get("label") not in (0, 1) \
                     or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{line_no}: needs 'label' 0 or 1 and a string 'text'")
+                raise DataError(str(path), line_no, "label" if isinstance(row, dict) and isinstance(
+                    row.get("text"), str) else "text", "needs 'label' 0 or 1 and a string 'text'")
             texts[row["label"]].append(row["text"])
     return _balanced_openings(
         texts[1], texts[0], n, seed=seed, min_words=min_words, max_words=max_words, source=str(path)
