@@ -99,6 +99,39 @@ def test_ppo_killed_or_stopped_and_resumed_equals_uninterrupted(tmp_path, prompt
     assert straight_m[-1]["kl_coef"] != 0.1  # the controller did move
 
 
+def test_a_nan_ppo_update_skips_its_steps_and_counts_them(tmp_path, prompts_file, monkeypatch, caplog):
+    """A NaN loss in iteration 2 of 2: neither minibatch step updates (the weights equal a 1-iteration run's),
+    both are counted and warned about, and the run finishes."""
+    args = ["ppo", *FAST, "ppo.scorer=vader", f"ppo.prompts={prompts_file}", "ppo.ppo_epochs=1"]  # 2 steps each
+    assert main([*args, "ppo.iterations=1", f"run.dir={tmp_path / 'one'}"]) == 0
+    monkeypatch.setenv("PREFTUNE_FAULT", "nan_loss:2")
+    with caplog.at_level("WARNING", logger="preftune"):
+        assert main([*args, "ppo.iterations=2", f"run.dir={tmp_path / 'nan'}"]) == 0
+    assert "iteration 2, minibatch step 2 skipped: the loss or the gradient is not finite" in caplog.text
+    for name in ("policy/model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "nan" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    rows = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0, 2]
+    assert "policy_loss" not in rows[1] and "grad_norm" not in rows[1] and rows[0]["grad_norm"] > 0
+
+
+def test_a_ppo_loss_that_stays_nan_stops_the_run_with_the_last_checkpoint_intact(tmp_path, prompts_file):
+    run_dir = tmp_path / "run"
+    args = ["ppo", *FAST, "ppo.scorer=vader", f"ppo.prompts={prompts_file}", "ppo.ppo_epochs=1", "ppo.iterations=6",
+            "ppo.save_every=1", "train.max_skipped_steps=3", f"run.dir={run_dir}"]
+    stopped = _cli(args, env_extra={"PREFTUNE_FAULT": "nan_loss:2+"})
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    assert "4 steps in a row had a non-finite loss or gradient (up to iteration 3, minibatch step 2" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and not (run_dir / "policy").exists()
+    # the checkpoint of iteration 2 holds iteration 1's weights (both steps of iteration 2 were skipped)
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step-000002"
+    assert json.loads((latest / "trainer_state.json").read_text())["skipped_steps"] == 2
+    weights = load_file(str(latest / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 class CountGood:
     """Reward = share of the 6 completion words that are "good" (the completion is the text's last 6 words)."""
 

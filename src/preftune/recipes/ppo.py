@@ -45,6 +45,9 @@ class PPOTrainConfig:
     optimizer: str = "adamw"  # rmsprop | adamw | sgd (PPO's default: adamw)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # a minibatch step whose loss or gradient is not finite is skipped (counted as skipped_steps); more than this
+    # many in a row stop the run (exit 3). An iteration holds ppo.ppo_epochs x batch_size / minibatch_size steps.
+    max_skipped_steps: int = 16
     keep_checkpoints: int = 2
     device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N | mps
     tf32: bool = False  # CUDA: TF32 tensor cores for fp32 matmuls
@@ -67,6 +70,8 @@ class PPORunConfig:
 def check_config(cfg: PPORunConfig) -> None:
     """PPO-specific checks on top of ``load_config``'s, before anything loads."""
     check_ppo_settings(cfg.ppo)
+    if cfg.train.max_skipped_steps < 0:
+        raise ConfigError(f"config key 'train.max_skipped_steps' must be >= 0, got {cfg.train.max_skipped_steps}")
 
 
 def load_ppo_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PPORunConfig:
@@ -89,7 +94,8 @@ _NOTES = """\
 metrics.jsonl, one row per iteration: reward (mean score), reward_std, kl (mean over samples of the sum over
 tokens of log pi - log pi_ref, at sampling time), kl_coef, non_score_reward, entropy, completion_tokens,
 policy_loss, value_loss, clip_fraction, value_clip_fraction, approx_kl (mean 1/2 (log ratio)^2), grad_norm,
-lr, tokens_per_s (completion tokens per second of iteration), time/rollout_s, time/update_s.
+lr, tokens_per_s (completion tokens per second of iteration), time/rollout_s, time/update_s, skipped_steps
+(minibatch steps skipped so far for a non-finite loss or gradient; the update means are over the steps taken).
 The run directory also holds config.yaml, env.json, checkpoints/, policy/ (HF format) and value_head.safetensors.
 """
 _PPO_KEYS = config_help(PPORunConfig) + _NOTES
@@ -138,7 +144,7 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     from preftune import faults
     from preftune.rl.ppo_steps import run_eval_hook, run_iteration
     from preftune.train.checkpoint import latest_checkpoint, load_checkpoint
-    from preftune.train.loop import DataOrder
+    from preftune.train.loop import DataOrder, Skips
     from preftune.train.rundir import MetricsWriter
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
     from preftune.train.signals import StopOnSignal, stop_run
@@ -161,6 +167,7 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         iteration, kl_ctl.value = state["step"], state["kl_coef"]
         order.load(state["data"])
+    skips = Skips(state.get("skipped_steps", 0) if checkpoint is not None else 0)
     if resume:
         metrics.truncate_after(iteration)
     model.train()
@@ -177,16 +184,17 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
             while iteration < s.iterations:
                 iteration += 1
                 batch = [prompts[i] for i in order.take(s.batch_size)]
+                faults.set_step(iteration)
                 last = run_iteration(stepped, reference, tokenizer, scorer, batch, cfg, kl_ctl, optimizer, scheduler,
-                                     iteration, device, precision, procs)
+                                     iteration, device, precision, procs, skips)
                 metrics.write({"step": iteration, **last})
                 _log_iteration(cfg, iteration, last)
-                faults.set_step(iteration)
                 if eval_hook is not None and s.eval_every and (iteration % s.eval_every == 0
                                                                or iteration == s.iterations):
                     last_eval = run_eval_hook(eval_hook, model.policy, iteration, metrics)
                 state = functools.partial(save, step=iteration, trainer_state={"data": order.state(),
-                                                                                "kl_coef": kl_ctl.value})
+                                                                                "kl_coef": kl_ctl.value,
+                                                                                "skipped_steps": skips.total})
                 saved = bool(s.save_every) and iteration % s.save_every == 0 and iteration != s.iterations
                 if saved:
                     state()
@@ -194,7 +202,8 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
                 asked = stop.requested(procs)
                 if asked:
                     stop_run(asked, iteration, run_dir, None if saved else state)
-            save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value})
+            save(step=iteration, trainer_state={"data": order.state(), "kl_coef": kl_ctl.value,
+                                                "skipped_steps": skips.total})
     finally:
         metrics.close()
     if procs.is_main:
@@ -204,9 +213,9 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
 
 
 def _log_iteration(cfg: PPORunConfig, iteration: int, last: dict[str, float]) -> None:
+    shown = ("reward", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "tokens_per_s")
     log.log(logging.INFO if cfg.train.progress else logging.DEBUG, "iteration %d/%d  %s", iteration,
-            cfg.ppo.iterations, "  ".join(f"{k}={last[k]:.4g}" for k in ("reward", "kl", "kl_coef", "entropy",
-                                                                         "policy_loss", "value_loss", "tokens_per_s")))
+            cfg.ppo.iterations, "  ".join(f"{k}={last.get(k, float('nan')):.4g}" for k in shown))
 
 
 def _processes(cfg: PPORunConfig):

@@ -14,7 +14,9 @@ from torch import nn
 from preftune.models.logprobs import IGNORE_INDEX, autocast_context, token_logps, uses_split_head
 from preftune.rl.ppo_math import (clipped_policy_loss, clipped_value_loss, gae, kl_shaped_rewards, masked_sum, to_grid,
                                   token_entropy, whiten)
+from preftune import faults
 from preftune.rl.settings import PPOSettings
+from preftune.train.loop import Skips
 
 EvalHook = Callable[[nn.Module, int], "dict[str, float] | None"]
 
@@ -145,9 +147,12 @@ def compute_advantages(r: Rollout, kl_coef: float, s: PPOSettings) -> torch.Tens
     return rewards
 
 
-def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOSettings, max_grad_norm: float,
-               generator: torch.Generator, device: torch.device, precision: str, procs=None) -> dict[str, torch.Tensor]:
-    """``ppo_epochs`` passes of shuffled minibatch steps over the rollout. Returns per-step means as tensors.
+def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOSettings, train,
+               generator: torch.Generator, device: torch.device, precision: str, procs=None,
+               skips: Skips | None = None, iteration: int = 0) -> dict[str, torch.Tensor]:
+    """``ppo_epochs`` passes of shuffled minibatch steps over the rollout. Returns per-step means as tensors (over
+    the steps taken: a step whose loss or gradient is not finite makes no update and is recorded in ``skips``,
+    which stops the run past ``train.max_skipped_steps`` in a row). ``train``: the run's ``train`` section.
 
     Several processes (``procs``, ``model`` DDP-wrapped): every process holds the whole rollout and draws the same
     minibatches; each takes every N-th row of a minibatch, and its token-mean losses are weighted by its share of
@@ -156,7 +161,7 @@ def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOS
     b, mask = r.batch, r.batch["mask"]
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, torch.Tensor] = {}
-    steps = 0
+    steps = step = 0  # taken, all
     for _ in range(s.ppo_epochs):
         for idx in torch.randperm(mask.shape[0], generator=generator).split(s.minibatch_size):
             share = idx[rank::world].to(device)
@@ -168,25 +173,39 @@ def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOS
             value_loss, value_clip_fraction = clipped_value_loss(
                 values, r.values[share], r.returns[share], mask[share], s.clip_range_value)
             weight = mask[share].sum() / mask[idx.to(device)].sum().clamp(min=1)  # this share of the tokens
+            loss = policy_loss + s.vf_coef * value_loss
+            if faults.active("nan_loss"):  # tests: a real NaN through the backward
+                loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
-            ((policy_loss + s.vf_coef * value_loss) * (weight * world)).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
+            (loss * (weight * world)).backward()
+            max_norm = train.max_grad_norm if train.max_grad_norm > 0 else float("inf")
+            # the norm of the all-reduced gradient: the same on every process, so all skip together
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            taken = bool(torch.isfinite(grad_norm))
+            if taken:
+                optimizer.step()
+            scheduler.step()  # a skipped step still counts as a step of the schedule
+            optimizer.zero_grad(set_to_none=True)
+            if skips is not None:
+                skips.record(taken, f"iteration {iteration}, minibatch step {step + 1}", train)
+            step += 1
+            if not taken:
+                continue
             shared = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction,
                       "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl}
             for name, value in {**{k: v * weight for k, v in shared.items()}, "grad_norm": grad_norm}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             steps += 1
-    if world > 1:  # the token-weighted shares add up to each minibatch's mean (grad_norm is already global)
+    if world > 1 and sums:  # the token-weighted shares add up to each minibatch's mean (grad_norm is already global)
         names = [n for n in sums if n != "grad_norm"]
         total = procs.sum(torch.stack([sums[n] for n in names]))
         sums.update({n: total[i] for i, n in enumerate(names)})
-    return {name: total / steps for name, total in sums.items()}
+    return {name: total / steps for name, total in sums.items()}  # none taken: no update metrics
 
 
 def run_iteration(model, reference, tokenizer, scorer, prompts, cfg, kl_ctl, optimizer, scheduler,
-                  iteration: int, device: torch.device, precision: str, procs=None) -> dict[str, float]:
+                  iteration: int, device: torch.device, precision: str, procs=None,
+                  skips: Skips | None = None) -> dict[str, float]:
     """One rollout -> advantages -> update round; returns its metrics (the one sync point of the iteration).
     Several processes: ``model`` is DDP-wrapped, and the metrics are the same on every process."""
     s, seed = cfg.ppo, cfg.train.seed * 1_000_003 + 2 * iteration  # per-iteration seeds: resume is exact
@@ -200,8 +219,8 @@ def run_iteration(model, reference, tokenizer, scorer, prompts, cfg, kl_ctl, opt
     rollout_s = time.perf_counter() - start
     lr = scheduler.get_last_lr()[0]
     generator = torch.Generator().manual_seed(seed + 1)
-    update = ppo_update(model, optimizer, scheduler, r, s, cfg.train.max_grad_norm, generator, device, precision,
-                        procs)
+    update = ppo_update(model, optimizer, scheduler, r, s, cfg.train, generator, device, precision, procs, skips,
+                        iteration)
     elapsed = time.perf_counter() - start
     kl = seq_kl.mean().item()
     kl_ctl.update(kl, n_steps=mask.shape[0])
@@ -211,6 +230,8 @@ def run_iteration(model, reference, tokenizer, scorer, prompts, cfg, kl_ctl, opt
     metrics = {name: float(v) for name, v in out.items()}
     metrics.update(kl=kl, kl_coef=kl_coef, lr=lr, tokens_per_s=float(mask.sum()) / elapsed,
                    **{"time/rollout_s": rollout_s, "time/update_s": elapsed - rollout_s})
+    if skips is not None:
+        metrics["skipped_steps"] = skips.total
     return metrics
 
 

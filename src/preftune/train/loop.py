@@ -218,7 +218,7 @@ def fit(
                 lr = scheduler.get_last_lr()[0]
                 faults.set_step(step + 1)
                 skips.record(_optimizer_step(micro, step_fn, weight_fn, params, optimizer, scheduler, window, timer,
-                                             cfg, device, precision, procs), step + 1, cfg)
+                                             cfg, device, precision, procs), f"step {step + 1}", cfg)
                 step += 1
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     last = {**window.row(procs, lr, timer), "train/skipped_steps": skips.total}
@@ -246,7 +246,7 @@ def fit(
 
 
 def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: DataOrder, metrics: MetricsWriter,
-             device: torch.device, procs: Processes) -> tuple[int, _Window, _Skips]:
+             device: torch.device, procs: Processes) -> tuple[int, _Window, Skips]:
     """(the step to continue from, the open logging window, the skipped steps so far): from the latest checkpoint
     on ``--resume``, else a fresh start. Metrics rows logged after the checkpoint are dropped (they will be logged
     again)."""
@@ -254,7 +254,7 @@ def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: Da
     if checkpoint is None:
         if resume:
             metrics.truncate_after(0)
-        return 0, _Window(), _Skips()
+        return 0, _Window(), Skips()
     if procs.sharding == "fsdp2":
         state = load_sharded_checkpoint(checkpoint, procs, model=model, optimizer=optimizer, scheduler=scheduler)
     else:
@@ -264,7 +264,7 @@ def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: Da
     # zero (every process must sum the same names, or their collectives would not match)
     sums = MetricSums.from_state(state.get("metrics_window", {}), device)
     metrics.truncate_after(state["step"])
-    return state["step"], _Window(sums if procs.is_main else sums.zeros_like()), _Skips(state.get("skipped_steps", 0))
+    return state["step"], _Window(sums if procs.is_main else sums.zeros_like()), Skips(state.get("skipped_steps", 0))
 
 
 def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, params, optimizer, scheduler,
@@ -307,30 +307,31 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
     return taken
 
 
-class _Skips:
+class Skips:
     """Optimizer steps skipped for a non-finite loss or gradient: the total (``train/skipped_steps`` in every
     metrics row, kept in checkpoints) and the current streak, which stops the run past ``train.max_skipped_steps``."""
 
     def __init__(self, total: int = 0):
         self.total, self.streak = total, 0
 
-    def record(self, taken: bool, step: int, cfg: TrainConfig) -> None:
+    def record(self, taken: bool, where: str, cfg: TrainConfig) -> None:
+        """``where``: the step, as the warning and the error name it ("step 7")."""
         if taken:
             self.streak = 0
             return
         self.total, self.streak = self.total + 1, self.streak + 1
-        log.warning("step %d skipped: the loss or the gradient is not finite (no update; %d skipped so far)",
-                    step, self.total)
+        log.warning("%s skipped: the loss or the gradient is not finite (no update; %d skipped so far)",
+                    where, self.total)
         if self.streak > cfg.max_skipped_steps:
             from preftune.errors import TrainingError
 
-            raise TrainingError(f"{self.streak} steps in a row had a non-finite loss or gradient (up to step {step}; "
+            raise TrainingError(f"{self.streak} steps in a row had a non-finite loss or gradient (up to {where}; "
                                 f"train.max_skipped_steps={cfg.max_skipped_steps}): stopped; the last checkpoint "
                                 f"written before them is intact")
 
 
 def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model, optimizer, scheduler,
-          order: DataOrder, cfg: TrainConfig, skips: _Skips, stopped: bool = False) -> None:
+          order: DataOrder, cfg: TrainConfig, skips: Skips, stopped: bool = False) -> None:
     """A checkpoint (process 0 writes it; every process takes part in summing the metric window first; under
     FSDP2 every process writes its own shards). ``stopped``: written only because the run was asked to stop (not a
     point along training for :func:`~preftune.train.checkpoint.policies_along_training`)."""
