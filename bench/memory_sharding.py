@@ -1,5 +1,5 @@
 """Peak memory per process on 2 CPU processes: data parallel (DDP) against FSDP2, with the reference held as a
-model, precomputed, and with LoRA; a randomly initialised model of SmolLM2-360M's shape (362M parameters, 0.4B
+model, precomputed, and with LoRA, and against DeepSpeed ZeRO-2 and ZeRO-3; a randomly initialised model of SmolLM2-360M's shape (362M parameters, 0.4B
 class), fp32, AdamW, 2 DPO steps of one short pair per process. Also one process, for scale.
 
     python bench/memory_sharding.py [--out bench/results/memory-sharding-DATE.json] [--layers 32]
@@ -26,11 +26,15 @@ SETUPS = {  # name: (processes, overrides)
     "FSDP2": (2, ["train.sharding=fsdp2"]),
     "FSDP2 + precomputed reference": (2, ["train.sharding=fsdp2", "reference.mode=precomputed"]),
     "FSDP2 + LoRA": (2, ["train.sharding=fsdp2", "lora.enabled=true", "lora.export_merged=false"]),
+    "ZeRO-2": (2, ["train.sharding=zero2"]),
+    "ZeRO-3": (2, ["train.sharding=zero3"]),
 }
 # bytes per parameter on each process (fp32 weights, AdamW): policy weights 4 + gradients 4 + Adam moments 8,
 # reference 4; sharded parts divided by the process count N. LoRA: the base's gradients and moments vanish.
 PREDICTED = {"1 process": "16 + 4 = 20", "DDP": "16 + 4 = 20 (+4 DDP buckets)", "FSDP2": "(16 + 4) / N",
-             "FSDP2 + precomputed reference": "16 / N", "FSDP2 + LoRA": "(4 + 4) / N + adapter"}
+             "FSDP2 + precomputed reference": "16 / N", "FSDP2 + LoRA": "(4 + 4) / N + adapter",
+             # DeepSpeed keeps its own fp32 master partitions beside the (here also fp32) weights: + 4 / N
+             "ZeRO-2": "4 + (4 + 4 + 8 + 4) / N", "ZeRO-3": "(4 + 4 + 4 + 8 + 4) / N"}
 
 
 def build_model(root: Path, layers: int) -> Path:

@@ -67,7 +67,9 @@ class TrainConfig:
     save_final: bool = True  # the final checkpoint and RUN/policy; false: metrics only (throughput benchmarks)
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     # several processes: none (data parallel, every process holds whole models) | fsdp2 (policy, gradients,
-    # optimizer state and the reference sharded across the processes; see train/sharding.py)
+    # optimizer state and the reference sharded across the processes; see train/sharding.py) | zero1 | zero2 |
+    # zero3 (DeepSpeed ZeRO: optimizer state / + gradients / + weights partitioned; the reference always
+    # partitioned; see train/zero.py; pip install 'preftune[deepspeed]')
     sharding: str = "none"
     # CUDA: TF32 tensor cores for fp32 matmuls (under bf16 autocast that is the LM head's log-prob matmuls, which
     # in true fp32 run at a fraction of the bf16 rate); 10-bit mantissa inputs, fp32 accumulation. Off: IEEE fp32
@@ -136,7 +138,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.layout": ("auto", "padded", "prefix_shared", "packed"),
-    "train.sharding": ("none", "fsdp2"),
+    "train.sharding": ("none", "fsdp2", "zero1", "zero2", "zero3"),
     "reference.mode": ("model", "adapter", "precomputed", "none"),
     "judge.mode": ("logprobs", "text"),  # the judge section of preftune judge / winrate (eval/judges.py)
 }

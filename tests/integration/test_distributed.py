@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -180,30 +181,31 @@ SHARDED = ["model=tiny", "train.precision=fp32", "train.progress=false", "run.pl
            "train.lr=0.5", "train.max_steps=3", "train.log_every=1"]
 
 
-def _sharded_pair(tmp_path, args: list[str], command: str = "dpo", multi_args: tuple[str, ...] = ()):
+def _sharded_pair(tmp_path, args: list[str], command: str = "dpo", multi_args: tuple[str, ...] = (),
+                  sharding: str = "fsdp2"):
     single = _run(args + ["train.batch_size=4", f"run.dir={tmp_path / 'one'}"], 1, command=command)
     assert single.returncode == 0, single.stderr[-3000:]
-    multi = _run(args + ["train.batch_size=1", "train.grad_accum_steps=2", "train.sharding=fsdp2", *multi_args,
+    multi = _run(args + ["train.batch_size=1", "train.grad_accum_steps=2", f"train.sharding={sharding}", *multi_args,
                          f"run.dir={tmp_path / 'two'}"], 2, command=command)
     assert multi.returncode == 0, multi.stderr[-3000:]
     return single, multi
 
 
-def _assert_same_run(tmp_path, keys, weights: str = "policy/model.safetensors") -> None:
+def _assert_same_run(tmp_path, keys, weights: str = "policy/model.safetensors", rel: float = 1e-5) -> None:
     one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
     assert [r["step"] for r in two if "loss" in r] == [r["step"] for r in one if "loss" in r] == [1, 2, 3]
     for key in keys:
         assert any(key in r for r in one) and any(key in r for r in two), key
-        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5,
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=rel,
                                                                     abs=1e-6), key
     wa, wb = (load_file(str(tmp_path / name / weights)) for name in ("one", "two"))
     assert set(wa) == set(wb)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5  # the gathered policy: whole, and equal
 
 
-def _held(stderr: str, what: str) -> list[float]:
+def _held(stderr: str, what: str, by: str = "FSDP2") -> list[float]:
     return [float(line.split(" holds ")[1].split()[0]) for line in stderr.splitlines()
-            if f"of the {what} model's parameters (FSDP2" in line]
+            if f"of the {what} model's parameters ({by}" in line]
 
 
 def test_fsdp2_two_processes_equal_one_with_a_sharded_reference(tmp_path, pairs_file):
@@ -273,3 +275,94 @@ def test_fsdp2_refuses_what_it_does_not_cover_yet(tmp_path, pairs_file):
     single = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 2 and "shards across several processes" in single.stderr
     assert "Traceback" not in single.stderr
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO (its CPU accelerator, over gloo)
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (make setup installs it)")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_two_processes_equal_one_with_a_partitioned_reference(tmp_path, pairs_file, stage):
+    """ZeRO-2 and ZeRO-3 on 2 processes x (batch 1 x 2 accumulation) = 1 process x batch 4 under SGD (a gradient
+    off by the number of processes would show): losses, gradient norms (DeepSpeed's own), held-out metrics and the
+    policy (ZeRO-3: gathered whole). The reference is a ZeRO-3 inference engine under either stage: each process
+    holds half of it; under ZeRO-3 half of the policy too."""
+    _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", "data.eval_fraction=0.5"],
+                             sharding=stage)
+    _assert_same_run(tmp_path, ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval/loss",
+                                "eval/rewards/margins"))
+    frozen, trained = _held(multi.stderr, "frozen", "DeepSpeed"), _held(multi.stderr, "trained", "DeepSpeed")
+    assert len(frozen) == 2 and all(0.45 < h <= 0.55 for h in frozen), frozen
+    assert len(trained) == 2 and all((0.45 < h <= 0.55) if stage == "zero3" else h == 1.0 for h in trained), trained
+    assert read_metrics(tmp_path / "one" / "metrics.jsonl")[1]["loss"] < 0.6  # the step moved the policy
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("command, extra, keys, weights", [
+    ("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"), "policy/model.safetensors"),
+    ("sft", (), ("loss", "grad_norm", "eval/loss"), "policy/model.safetensors"),
+    ("reward", (), ("loss", "grad_norm", "accuracy", "eval/accuracy"), "reward_model/model.safetensors"),
+])
+def test_zero3_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file, command, extra, keys, weights):
+    """ZeRO-3 with reference log-probs precomputed (the precompute pass on a partitioned reference, each process
+    computing half of the pairs), for SFT (the global token count) and for the reward model (gathered whole)."""
+    held_out = [f"reference.cache_dir={tmp_path / 'cache'}"] if command == "dpo" else ["data.eval_fraction=0.5"]
+    _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command,
+                             (f"reference.cache_dir={tmp_path / 'cache-two'}",) if command == "dpo" else (),
+                             sharding="zero3")
+    _assert_same_run(tmp_path, keys, weights, rel=5e-5)  # ZeRO's flat buffers sum in another order: 1.2e-5 seen
+    if "reference.mode=precomputed" in extra:
+        assert _held(multi.stderr, "frozen", "DeepSpeed") == [0.5, 0.5]
+        assert multi.stderr.count(" computed 4 of 8 reference log-probs") == 2
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file, stage):
+    """preftune's own checkpoints under ZeRO (each process its fp32 partitions and its share of AdamW's state, as
+    safetensors; DeepSpeed's own are pickles): killed after step 3, resumed from step 2, equal to a straight run;
+    resuming under another sharding is refused."""
+    args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
+                           "train.save_every=2", f"train.sharding={stage}", f"data.train={pairs_file}",
+                           "train.batch_size=1", "train.grad_accum_steps=2"]
+    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    assert sorted(p.name for p in checkpoint.glob("optimizer.*")) == ["optimizer.rank-0-of-2.safetensors",
+                                                                      "optimizer.rank-1-of-2.safetensors"]
+    # another stage, asked for by an accelerate launch config (as configs/accelerate/zero3.yaml sets it)
+    other = {"zero2": "3", "zero3": "1"}[stage]
+    elsewhere = _run(["--resume", str(tmp_path / "killed")], 2, {"ACCELERATE_USE_DEEPSPEED": "true",
+                                                                 "ACCELERATE_DEEPSPEED_ZERO_STAGE": other})
+    assert elsewhere.returncode != 0, elsewhere.stderr[-3000:]
+    assert elsewhere.stderr.count(f"written with train.sharding={stage}, resumed with zero{other}") == 2
+    resumed = _run(["--resume", str(tmp_path / "killed")], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a] and [r["grad_norm"] for r in b] == [
+        r["grad_norm"] for r in a]
+    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+@needs_deepspeed
+def test_zero_skips_a_nan_step_and_refuses_what_it_does_not_cover(tmp_path, pairs_file):
+    """A NaN loss under ZeRO-2: DeepSpeed's overflow check skips the update, preftune counts it; LoRA under ZeRO
+    and ZeRO on one process are refused with a clear error."""
+    nan = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=zero2", "train.batch_size=2",
+                          f"run.dir={tmp_path / 'nan'}"], 2, {"PREFTUNE_FAULT": "nan_loss:2"})
+    assert nan.returncode == 0, nan.stderr[-3000:]
+    rows = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows] == [0, 1, 1] and "loss" not in rows[1]
+    weights = load_file(str(tmp_path / "nan" / "policy" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    lora = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=zero3", "lora.enabled=true",
+                           f"run.dir={tmp_path / 'lora'}"], 2)
+    assert lora.returncode != 0 and lora.stderr.count("train.sharding=zero3 does not support LoRA yet") == 2
+    single = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=zero2", f"run.dir={tmp_path / 'one'}"], 1)
+    assert single.returncode == 2 and "train.sharding=zero2 shards across several processes" in single.stderr

@@ -47,6 +47,28 @@ def test_sharding_setting_and_the_accelerate_launcher(monkeypatch):
         resolve_sharding("none")
 
 
+def test_a_deepspeed_launch_config_asks_for_zero(monkeypatch):
+    """accelerate launch --config_file configs/accelerate/zero3.yaml sets these; what preftune does not take over
+    is refused, never ignored."""
+    pytest.importorskip("deepspeed")
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                 "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert resolve_sharding("none") == "zero3"
+    for name, value, message in [("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload"),
+                                 ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json", "deepspeed_config_file"),
+                                 ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "train.grad_accum_steps"),
+                                 ("ACCELERATE_GRADIENT_CLIPPING", "1.0", "train.max_grad_norm"),
+                                 ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "ZeRO stage 0")]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(ConfigError, match=message):
+                resolve_sharding("none")
+
+
 @pytest.mark.parametrize("override, refused", [
     ("reference.mode=adapter", "reference.mode=adapter"),
     ("train.compile=true", "train.compile"),
@@ -66,6 +88,10 @@ def test_the_shipped_accelerate_configs_are_accelerate_configs():
     assert fsdp.distributed_type == "FSDP" and str(fsdp.fsdp_config["fsdp_version"]) == "2"
     assert fsdp.mixed_precision == "no"  # precision is train.precision's
     assert load_config_from_file(str(ACCELERATE / "ddp.yaml")).distributed_type == "MULTI_GPU"
+    for stage in (2, 3):
+        zero = load_config_from_file(str(ACCELERATE / f"zero{stage}.yaml"))
+        assert zero.distributed_type == "DEEPSPEED" and zero.deepspeed_config["zero_stage"] == stage
+        assert zero.mixed_precision == "no"
 
 
 def test_a_sharded_checkpoint_resumes_only_on_its_process_count(tmp_path):
@@ -76,11 +102,14 @@ def test_a_sharded_checkpoint_resumes_only_on_its_process_count(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "sharded": {"kind": "fsdp2",
                                                                                       "processes": 2}}))
     with pytest.raises(ConfigError, match="written by 2 sharded processes, resumed on 3"):
-        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=3, rank=0), model=None, optimizer=None,
-                                scheduler=None)
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=3, rank=0, sharding="fsdp2"), model=None,
+                                optimizer=None, scheduler=None)
+    with pytest.raises(ConfigError, match="written with train.sharding=fsdp2, resumed with zero2"):
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=2, rank=0, sharding="zero2"), model=None,
+                                optimizer=None, scheduler=None)
     with pytest.raises(ConfigError, match="written sharded by 2 processes"):  # unsharded resume of a sharded run
         load_checkpoint(tmp_path, model=None, optimizer=None, scheduler=None)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2}))
     with pytest.raises(ConfigError, match="written unsharded"):
-        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=2, rank=0), model=None, optimizer=None,
-                                scheduler=None)
+        load_sharded_checkpoint(tmp_path, SimpleNamespace(world=2, rank=0, sharding="fsdp2"), model=None,
+                                optimizer=None, scheduler=None)

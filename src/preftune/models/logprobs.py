@@ -316,9 +316,10 @@ class LogpsModule(nn.Module):
 
 
 def module_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """``batch_logps`` of a model, or of the DDP-wrapped or FSDP2-sharded ``LogpsModule`` a multi-process step
-    calls."""
-    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, LogpsModule)):
+    """``batch_logps`` of a model, or of the DDP-wrapped, FSDP2-sharded or DeepSpeed-wrapped ``LogpsModule`` a
+    multi-process step calls."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, LogpsModule)) or isinstance(
+            getattr(model, "module", None), LogpsModule):  # a DeepSpeed engine around one
         return SequenceLogps(*model(batch))
     return batch_logps(model, batch)
 

@@ -50,7 +50,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     collate = pair_collator(layout)
     pad_id = tokenizer.pad_token_id
     sft_weight = cfg.dpo.sft_weight
-    stepped = procs.wrap(LogpsModule(policy)) if procs.world > 1 else policy
+    stepped = procs.wrap(LogpsModule(policy), cfg.train) if procs.world > 1 else policy
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, procs.evaluated(policy), reference, loss_fn, eval_items, pad_id,

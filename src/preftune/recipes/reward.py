@@ -104,7 +104,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     model = model.to(procs.load_device(device))  # FSDP2: sharded onto the device by procs.wrap
     prepare_for_training(model.backbone, cfg)
     pad_id = tokenizer.pad_token_id
-    stepped = procs.wrap(model) if procs.world > 1 else model  # FSDP2 shards it in place: stepped is model
+    stepped = procs.wrap(model, cfg.train) if procs.world > 1 else model  # FSDP2 shards it in place: stepped is model
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_reward, procs.evaluated(model), eval_items,

@@ -64,7 +64,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
         model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
     model = prepare_for_training(model.to(procs.load_device(device)), cfg)
     pad_id = tokenizer.pad_token_id
-    stepped = procs.wrap(LogpsModule(model)) if procs.world > 1 else model
+    stepped = procs.wrap(LogpsModule(model), cfg.train) if procs.world > 1 else model
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_examples, procs.evaluated(model), eval_items,

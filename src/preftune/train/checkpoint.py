@@ -11,13 +11,14 @@ trainer_state.json, manifest.json}`` and ``RUN/checkpoints/latest`` (a one-line 
 whose files were truncated or altered after it was written (a failed copy, a bad disk) is named in a warning and
 skipped for the newest one that verifies.
 
-Sharded (FSDP2) runs write one ``{model,optimizer,rng}.rank-R-of-N.safetensors`` per process: each process's own
-shards of the weights and optimizer state, nothing gathered. They resume on the same number of processes (another
+Sharded (FSDP2, DeepSpeed ZeRO) runs write one ``{model,optimizer,rng}.rank-R-of-N.safetensors`` per process:
+each process's own shards of the weights (ZeRO: its flat fp32 partitions) and optimizer state, nothing gathered. They resume on the same number of processes (another
 number is refused: the shards are cut for N).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -203,7 +204,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         from preftune.errors import ConfigError
 
         raise ConfigError(f"{path}: written sharded by {state['sharded']['processes']} processes "
-                          f"(train.sharding=fsdp2); resume it the same way")
+                          f"(train.sharding={state['sharded'].get('kind', 'fsdp2')}); resume it the same way")
     weights = load_file(str(path / "model.safetensors"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
@@ -250,9 +251,10 @@ def save_sharded_checkpoint(run_dir: Path, procs, *, step: int, model: torch.nn.
         tmp.mkdir()
     procs.barrier()
     rank, world = procs.rank, procs.world
-    save_file(model_state(model), str(tmp / _shard_file("model", rank, world)))
+    save_file(_model_shard(model, procs), str(tmp / _shard_file("model", rank, world)))
     maybe_fault("mid_save")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    with _optimizer_params(procs):
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / _shard_file("optimizer", rank, world)))
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / _shard_file("rng", rank, world)))
@@ -260,9 +262,26 @@ def save_sharded_checkpoint(run_dir: Path, procs, *, step: int, model: torch.nn.
     procs.barrier()
     if procs.is_main:
         _publish(tmp, final, dict(trainer_state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
-                                  sharded={"kind": "fsdp2", "processes": world}), keep)
+                                  sharded={"kind": procs.sharding, "processes": world}), keep)
     procs.barrier()
     return final
+
+
+def _optimizer_params(procs):
+    if not procs.zero:
+        return contextlib.nullcontext()
+    from preftune.train.zero import optimizer_params
+
+    return optimizer_params(procs.ddp)
+
+
+def _model_shard(model: torch.nn.Module, procs) -> dict[str, torch.Tensor]:
+    """This process's part of the weights: its FSDP2 shards by parameter name, or its ZeRO fp32 partitions."""
+    if not procs.zero:
+        return model_state(model)
+    from preftune.train.zero import fp32_partitions
+
+    return {f"group.{i}": t.detach().contiguous().cpu() for i, t in enumerate(fp32_partitions(procs.ddp))}
 
 
 def load_sharded_checkpoint(path: Path, procs, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -275,27 +294,37 @@ def load_sharded_checkpoint(path: Path, procs, *, model: torch.nn.Module, optimi
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     written = (state.get("sharded") or {}).get("processes")
     if written is None:
-        raise ConfigError(f"{path}: written unsharded (train.sharding=none); resume it without FSDP2")
+        raise ConfigError(f"{path}: written unsharded (train.sharding=none); resume it with train.sharding=none")
+    kind = state["sharded"].get("kind", "fsdp2")
+    if kind != procs.sharding:
+        raise ConfigError(f"{path}: written with train.sharding={kind}, resumed with {procs.sharding}; the shards "
+                          f"are cut for {kind}: resume it with train.sharding={kind}")
     if written != procs.world:
         raise ConfigError(f"{path}: written by {written} sharded processes, resumed on {procs.world}; the shards are "
                           f"cut for {written}: resume on {written} processes")
     rank, world = procs.rank, procs.world
     weights = load_file(str(path / _shard_file("model", rank, world)))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise RuntimeError(f"checkpoint {path} does not match the model's trainable parameters")
-    with torch.no_grad():
-        for name, p in params.items():
-            _local(p).copy_(weights[name])
+    if procs.zero:
+        from preftune.train.zero import restore_partitions
+
+        restore_partitions(procs.ddp, [weights[f"group.{i}"] for i in range(len(weights))])
+    else:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != set(params):
+            raise RuntimeError(f"checkpoint {path} does not match the model's trainable parameters")
+        with torch.no_grad():
+            for name, p in params.items():
+                _local(p).copy_(weights[name])
     saved = _unflatten_optimizer(load_file(str(path / _shard_file("optimizer", rank, world))), state["optimizer"])
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    for pid, pstate in saved["state"].items():  # each shard back into a DTensor laid out like its parameter
+    for pid, pstate in saved["state"].items() if not procs.zero else ():  # FSDP2: each shard back into a DTensor
         p = ordered[pid]
         for name, value in pstate.items():
             if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.to_local().shape:
                 pstate[name] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
                                                   stride=p.stride())
-    optimizer.load_state_dict(saved)
+    with _optimizer_params(procs):
+        optimizer.load_state_dict(saved)
     scheduler.load_state_dict(state["scheduler"])
     rng_meta = json.loads((path / f"rng.rank-{rank}-of-{world}.json").read_text(encoding="utf-8"))
     set_rng_state(load_file(str(path / _shard_file("rng", rank, world))), rng_meta)

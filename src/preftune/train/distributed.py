@@ -35,6 +35,8 @@ def resolve_sharding(setting: str = "none") -> str:
     not used: preftune shards with torch's ``fully_shard`` itself, the same way on GPUs and CPUs)."""
     from preftune.errors import ConfigError
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        setting = _deepspeed_setting()
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -50,28 +52,60 @@ def resolve_sharding(setting: str = "none") -> str:
             if os.environ.get(name, "").lower() == value:
                 raise ConfigError(f"the accelerate config sets {what}; remove it (see configs/accelerate/fsdp2.yaml)")
         setting = "fsdp2"
-    if setting == "fsdp2" and world_size() <= 1:
-        raise ConfigError("train.sharding=fsdp2 shards across several processes: start them with torchrun or "
+    if setting != "none" and world_size() <= 1:
+        raise ConfigError(f"train.sharding={setting} shards across several processes: start them with torchrun or "
                           "accelerate launch (one process has nothing to shard with)")
+    if setting.startswith("zero"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"train.sharding={setting} needs DeepSpeed: pip install 'preftune[deepspeed]'") from None
     return setting
+
+
+def _deepspeed_setting() -> str:
+    """``zeroN`` from an ``accelerate launch`` DeepSpeed config (configs/accelerate/zero2.yaml, zero3.yaml); the
+    options preftune does not take over are refused, never ignored."""
+    from preftune.errors import ConfigError
+
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        raise ConfigError("the accelerate config names a DeepSpeed config file (deepspeed_config_file); preftune "
+                          "builds DeepSpeed's config from train.* itself: give zero_stage instead (see "
+                          "configs/accelerate/zero2.yaml)")
+    for name in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+        if os.environ.get(name, "none").lower() not in ("none", ""):
+            raise ConfigError(f"the accelerate config asks for DeepSpeed offload ({name}); it is not supported: "
+                              "remove it")
+    if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1") != "1":
+        raise ConfigError("the accelerate config sets gradient_accumulation_steps; preftune takes it from "
+                          "train.grad_accum_steps: remove it there")
+    if os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "none").lower() not in ("none", ""):
+        raise ConfigError("the accelerate config sets gradient_clipping; preftune takes it from train.max_grad_norm: "
+                          "remove it there")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if stage not in ("1", "2", "3"):
+        raise ConfigError(f"the accelerate config asks for ZeRO stage {stage}; preftune runs stages 1, 2 and 3")
+    return f"zero{stage}"
 
 
 def check_sharding(procs: "Processes", cfg) -> None:
     """What FSDP2 does not cover yet, refused before anything loads (never silently replicated or skipped)."""
     from preftune.errors import ConfigError
 
-    if procs.sharding != "fsdp2":
+    if procs.sharding == "none":
         return
     t = cfg.train
     reference = getattr(cfg, "reference", None)
+    lora = getattr(cfg, "lora", None)
     refused = {
         "reference.mode=adapter": reference is not None and reference.mode == "adapter",
         "train.compile=true": t.compile,
+        "LoRA": procs.sharding.startswith("zero") and lora is not None and lora.enabled,
     }
     for what, hit in refused.items():
         if hit:
-            raise ConfigError(f"train.sharding=fsdp2 does not support {what} yet; run without it, or with data "
-                              "parallelism (train.sharding=none)")
+            raise ConfigError(f"train.sharding={procs.sharding} does not support {what} yet; run without it, or with "
+                              "data parallelism (train.sharding=none)")
 
 
 class Processes:
@@ -84,12 +118,23 @@ class Processes:
         self.is_main = self.rank == 0
         self.sharding = sharding if self.world > 1 else "none"
         self.ddp: torch.nn.Module | None = None  # the wrapped module the step function calls
+        self.optimizer: torch.optim.Optimizer | None = None  # DeepSpeed: preftune's optimizer inside the engine
         self._mesh = None
 
     @property
     def grad_mean(self) -> bool:
-        """Whether the gradient reduction averages over processes (DDP) rather than sums (FSDP2 here)."""
-        return self.sharding == "none"
+        """Whether the gradient reduction averages over processes (DDP, DeepSpeed) rather than sums (FSDP2 here)."""
+        return self.sharding != "fsdp2"
+
+    @property
+    def zero(self) -> bool:
+        """DeepSpeed ZeRO (train/zero.py): the engine owns the backward and the optimizer step."""
+        return self.sharding.startswith("zero")
+
+    @property
+    def sharded_weights(self) -> bool:
+        """The weights themselves are split (FSDP2, ZeRO-3): every forward is a collective all processes join."""
+        return self.sharding in ("fsdp2", "zero3")
 
     @classmethod
     def from_env(cls, device_setting: str = "auto", sharding: str = "none") -> Processes:
@@ -102,6 +147,7 @@ class Processes:
         from accelerate.utils import InitProcessGroupKwargs
 
         os.environ.pop("ACCELERATE_USE_FSDP", None)  # preftune shards itself (resolve_sharding)
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # and starts DeepSpeed's engine itself (train/zero.py)
 
         # precision is preftune's (train.precision, its own autocast): an `accelerate launch` config must not add
         # accelerate's autocast or a compile backend behind it. The long collective timeout covers the processes
@@ -123,10 +169,20 @@ class Processes:
             self._mesh = init_device_mesh(self.device.type, (self.world,))
         return self._mesh
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` in DistributedDataParallel (accelerate's ``prepare_model``), or sharded in place with FSDP2;
-        remembered as ``ddp``."""
-        if self.sharding == "fsdp2":
+    def wrap(self, module: torch.nn.Module, train=None) -> torch.nn.Module:
+        """``module`` in DistributedDataParallel (accelerate's ``prepare_model``), sharded in place with FSDP2, or
+        in a DeepSpeed engine with the optimizer ``train`` asks for (``optimizer``); remembered as ``ddp``."""
+        if self.zero:
+            from preftune.train import zero
+            from preftune.train.optim import build_optimizer
+
+            if train is None:
+                raise RuntimeError("DeepSpeed needs the train config to build the optimizer (procs.wrap(module, train))")
+            self.optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], train)
+            self.ddp = zero.initialize(module, self.optimizer, train, zero.STAGES[self.sharding])
+            log.info("process %d holds %.3f of the trained model's parameters (DeepSpeed ZeRO-%d over %d processes)",
+                     self.rank, zero.local_fraction(module), zero.STAGES[self.sharding], self.world)
+        elif self.sharding == "fsdp2":
             from preftune.train.sharding import local_fraction, shard
 
             self.ddp = shard(module, self.mesh)
@@ -142,12 +198,20 @@ class Processes:
         return torch.device("cpu") if self.sharding == "fsdp2" else device
 
     def evaluated(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The module an evaluation calls: ``module`` itself, or under FSDP2 the sharded root that wraps it (only
-        the root's forward gathers the embeddings and head)."""
-        return self.ddp if self.sharding == "fsdp2" else module
+        """The module an evaluation calls: ``module`` itself, or with sharded weights the wrapper that gathers them
+        (FSDP2's root, whose forward gathers the embeddings and head; ZeRO-3's engine)."""
+        return self.ddp if self.sharded_weights else module
 
     def shard_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
-        """A frozen module (the reference) sharded like the policy under FSDP2; as it is otherwise."""
+        """A frozen module (the reference) sharded like the policy under FSDP2, a ZeRO-3 inference engine under any
+        ZeRO stage; as it is otherwise."""
+        if self.zero:
+            from preftune.train import zero
+
+            engine = zero.frozen(module)
+            log.info("process %d holds %.3f of the frozen model's parameters (DeepSpeed ZeRO-3 over %d processes)",
+                     self.rank, zero.local_fraction(module), self.world)
+            return engine
         if self.sharding != "fsdp2":
             return module
         from preftune.train.sharding import local_fraction, shard
@@ -161,11 +225,16 @@ class Processes:
         """The trained ``module`` as one whole model to save: itself, or under FSDP2 its weights gathered from the
         wrapped root (``ddp``; ``prefix``: the module's name in it) into ``build()``'s fresh model on process 0
         (None on the others). Every process must call it."""
-        if self.sharding != "fsdp2":
-            return module
-        from preftune.train.sharding import full_state_dict
+        if self.sharding == "none" or self.sharding in ("zero1", "zero2"):
+            return module  # whole on every process
+        if self.zero:
+            from preftune.train.zero import full_state_dict
 
-        state = full_state_dict(self.ddp)
+            state = full_state_dict(self.ddp, self.is_main)
+        else:
+            from preftune.train.sharding import full_state_dict
+
+            state = full_state_dict(self.ddp)
         if not self.is_main:
             return None
         fresh = build()
@@ -219,7 +288,7 @@ class Processes:
         process evaluates about 1/world of it, then ``sum_stats`` adds the sums up. A split smaller than the
         number of processes is evaluated whole by each (every process must produce the same metric names), and
         so is every split under FSDP2, where each forward is a collective that every process must join."""
-        if self.world == 1 or len(items) < self.world or self.sharding == "fsdp2":
+        if self.world == 1 or len(items) < self.world or self.sharded_weights:
             return items, False
         return items[self.rank::self.world], True
 
@@ -227,6 +296,8 @@ class Processes:
         """Inside: the backward does not reduce gradients (a micro-batch before the last of a step)."""
         if self.ddp is not None and self.sharding == "fsdp2":
             self.ddp.set_requires_gradient_sync(not skip)
+            return contextlib.nullcontext()
+        if self.zero:  # the engine knows its accumulation boundary
             return contextlib.nullcontext()
         if self.ddp is None or not skip:
             return contextlib.nullcontext()

@@ -191,7 +191,7 @@ def fit(
     if procs.world > 1 and procs.ddp is None:
         raise RuntimeError("several processes need the step function to call the DDP-wrapped module (procs.wrap)")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = procs.optimizer if procs.zero else build_optimizer(params, cfg)  # DeepSpeed: already in its engine
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     order = DataOrder(len(items), cfg.seed)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
@@ -255,7 +255,7 @@ def _restore(resume: bool, run_dir: Path, model, optimizer, scheduler, order: Da
         if resume:
             metrics.truncate_after(0)
         return 0, _Window(), Skips()
-    if procs.sharding == "fsdp2":
+    if procs.sharding != "none":
         state = load_sharded_checkpoint(checkpoint, procs, model=model, optimizer=optimizer, scheduler=scheduler)
     else:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -286,16 +286,25 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
             if faults.active("nan_loss"):  # tests: a real NaN through the backward
                 out.loss = out.loss * float("nan")
             timer.lap("forward")
-            (out.loss / max(total_weight, 1.0 / procs.world)).backward()
+            loss = out.loss / max(total_weight, 1.0 / procs.world)
+            if procs.zero:  # the engine reduces, clips and steps at the last micro-batch (train/zero.py)
+                procs.ddp.backward(loss, scale_wrt_gas=False)
+                procs.ddp.step()
+            else:
+                loss.backward()
         timer.lap("backward")
         step_sums.add(out.stats)
         window.tokens += out.tokens
         window.pairs += out.pairs
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    # the norm of the whole (all-reduced or sharded) gradient: the same on every process, so all skip together
-    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    taken = bool(torch.isfinite(grad_norm))
-    if taken:
+    if procs.zero:  # the ZeRO optimizer skips a step whose gradient is not finite itself
+        taken = procs.ddp.was_step_applied()
+        grad_norm = torch.as_tensor(procs.ddp.get_global_grad_norm() if taken else float("nan"), dtype=torch.float32)
+    else:
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        # the norm of the whole (all-reduced or sharded) gradient: the same on every process, so all skip together
+        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        taken = bool(torch.isfinite(grad_norm))
+    if taken and not procs.zero:
         optimizer.step()
     scheduler.step()  # a skipped step still counts as a step of the schedule (and of the data order)
     optimizer.zero_grad(set_to_none=True)
@@ -337,7 +346,7 @@ def _save(procs: Processes, run_dir: Path, step: int, sums: MetricSums, *, model
     point along training for :func:`~preftune.train.checkpoint.policies_along_training`)."""
     window = sums.summed(procs).state()
     extra = {"stopped": True} if stopped else {}
-    if procs.sharding == "fsdp2":
+    if procs.sharding != "none":
         save_sharded_checkpoint(run_dir, procs, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                                 trainer_state={"data": order.state(), "metrics_window": window,
                                                "skipped_steps": skips.total, **extra},

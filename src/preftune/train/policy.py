@@ -59,8 +59,8 @@ def precompute_reference(cfg: Config, ref_spec: str, splits: dict[str, list], to
 
 
 def _sharded_logps_module(procs: Processes | None):
-    """Under FSDP2, the reference for precomputing is sharded like the one a live run holds."""
-    if procs is None or procs.sharding != "fsdp2":
+    """Under FSDP2 or ZeRO, the reference for precomputing is sharded like the one a live run holds."""
+    if procs is None or procs.sharding == "none":
         return None
     from preftune.models.logprobs import LogpsModule
 
@@ -87,7 +87,7 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
         policy.get_decoder().compile()  # in place: parameter names (and checkpoints) are unchanged
     reference: Reference | None = {
         "model": lambda: FrozenReference(load_ref().to(procs.load_device(device)), precision,
-                                         procs.shard_frozen if procs.sharding == "fsdp2" else None),
+                                         procs.shard_frozen if procs.sharding != "none" else None),
         "adapter": lambda: AdapterReference(policy),
         "precomputed": PrecomputedReference,
         "none": lambda: None,
