@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -244,18 +246,28 @@ def test_fsdp2_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_fi
     """Sharded checkpoints (each process its own shards of the weights and AdamW's state): SIGKILL-style exit after
     step 3, --resume from step 2 on 2 processes, and the metrics rows and the gathered policy equal a straight run;
     resuming on another number of processes is refused with a clear error."""
-    args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
-                           "train.save_every=2", "train.sharding=fsdp2", f"data.train={pairs_file}",
-                           "train.batch_size=1", "train.grad_accum_steps=2"]
-    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
-    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
-    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    checkpoint = _straight_and_killed(tmp_path, pairs_file, "fsdp2")
     assert sorted(p.name for p in checkpoint.glob("model.*")) == ["model.rank-0-of-2.safetensors",
                                                                   "model.rank-1-of-2.safetensors"]
     elsewhere = _run(["--resume", str(tmp_path / "killed")], 1)
     assert elsewhere.returncode == 2 and "shards across several processes" in elsewhere.stderr
+    _assert_resumed_equals_straight(tmp_path)
+
+
+def _straight_and_killed(tmp_path, pairs_file, sharding: str) -> Path:
+    """A straight 5-step sharded run (AdamW, accumulation) and one killed after step 3; the killed run's latest
+    checkpoint (step 2)."""
+    args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
+                           "train.save_every=2", f"train.sharding={sharding}", f"data.train={pairs_file}",
+                           "train.batch_size=1", "train.grad_accum_steps=2"]
+    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    return tmp_path / "killed" / "checkpoints" / "step-000002"
+
+
+def _assert_resumed_equals_straight(tmp_path) -> None:
     resumed = _run(["--resume", str(tmp_path / "killed")], 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
@@ -324,14 +336,7 @@ def test_zero_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_fil
     """preftune's own checkpoints under ZeRO (each process its fp32 partitions and its share of AdamW's state, as
     safetensors; DeepSpeed's own are pickles): killed after step 3, resumed from step 2, equal to a straight run;
     resuming under another sharding is refused."""
-    args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
-                           "train.save_every=2", f"train.sharding={stage}", f"data.train={pairs_file}",
-                           "train.batch_size=1", "train.grad_accum_steps=2"]
-    straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
-    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
-    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "step-000002"
+    checkpoint = _straight_and_killed(tmp_path, pairs_file, stage)
     assert sorted(p.name for p in checkpoint.glob("optimizer.*")) == ["optimizer.rank-0-of-2.safetensors",
                                                                       "optimizer.rank-1-of-2.safetensors"]
     # another stage, asked for by an accelerate launch config (as configs/accelerate/zero3.yaml sets it)
@@ -340,14 +345,7 @@ def test_zero_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_fil
                                                                  "ACCELERATE_DEEPSPEED_ZERO_STAGE": other})
     assert elsewhere.returncode != 0, elsewhere.stderr[-3000:]
     assert elsewhere.stderr.count(f"written with train.sharding={stage}, resumed with zero{other}") == 2
-    resumed = _run(["--resume", str(tmp_path / "killed")], 2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
-    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
-    assert [r["loss"] for r in b] == [r["loss"] for r in a] and [r["grad_norm"] for r in b] == [
-        r["grad_norm"] for r in a]
-    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
-    assert all((wa[k] == wb[k]).all() for k in wa)
+    _assert_resumed_equals_straight(tmp_path)
 
 
 @needs_deepspeed
