@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "openai", "urllib3", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _deepspeed_logs_to_stderr(args.verbose)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
@@ -65,6 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         rundir = sys.modules.get("preftune.train.rundir")  # loaded only by commands that take one
         if rundir is not None:
             rundir.release_run_dirs()
+
+
+class _ToStderr(logging.Filter):
+    """DeepSpeed's logger writes to stdout, which carries a command's result (JSON): its records (WARNING and up;
+    all with -v) go through preftune's logging to stderr instead, and never to stdout. transformers imports
+    DeepSpeed whenever it is installed, so this applies to every command."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.level = logging.DEBUG if verbose else logging.WARNING
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level:
+            logging.getLogger("preftune.deepspeed").handle(record)
+        return False
+
+
+def _deepspeed_logs_to_stderr(verbose: bool) -> None:
+    logger = logging.getLogger("DeepSpeed")  # the name DeepSpeed's LoggerFactory gives it; filters survive it
+    for old in [f for f in logger.filters if isinstance(f, _ToStderr)]:
+        logger.removeFilter(old)
+    logger.addFilter(_ToStderr(verbose))
 
 
 if __name__ == "__main__":

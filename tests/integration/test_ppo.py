@@ -48,6 +48,7 @@ def test_ppo_cli_end_to_end(tmp_path, prompts_file, capsys):
                  "run.plot=true", f"run.dir={run_dir}"])
     assert code == 0, capsys.readouterr().err
     for name in ("config.yaml", "env.json", "metrics.jsonl", "checkpoints/latest", "policy/model.safetensors",
+                 "policy/README.md",
                  "policy/tokenizer.json", "value_head.safetensors", "training.png"):
         assert (run_dir / name).exists(), name
     rows = read_metrics(run_dir / "metrics.jsonl")

@@ -27,10 +27,10 @@ def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def load_file(cfg: Config, path: str, read, tokenize, tokenizer) -> tuple[list, object]:
+def load_file(cfg: Config, path: str, read, tokenize, tokenizer, summary: dict | None = None) -> tuple[list, object]:
     """Read, validate and tokenise one data file with ``read(path) -> (records, SkipReport)`` and
-    ``tokenize(tokenizer, record, **limits)`` under ``cfg.data``'s limits; log skipped records and truncation.
-    Returns (tokenised items, SkipReport)."""
+    ``tokenize(tokenizer, record, **limits)`` under ``cfg.data``'s limits; log skipped records and truncation
+    (and put them into ``summary``, with the file's SHA-256). Returns (tokenised items, SkipReport)."""
     d = cfg.data
     records, report = read(path)
     if report.skipped:
@@ -40,20 +40,55 @@ def load_file(cfg: Config, path: str, read, tokenize, tokenizer) -> tuple[list, 
                       prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for r in records]
     if stats.prompts_truncated or stats.responses_truncated:
         log.warning("%s: %s", path, stats.summary())
+    if summary is not None:
+        summary.update(path=str(path), sha256=file_sha256(path), records_read=report.total, items=len(items),
+                       skipped=report.skipped, skip_reasons=dict(report.reasons),
+                       prompts_truncated=stats.prompts_truncated, responses_truncated=stats.responses_truncated)
     return items, report
 
 
-def load_splits(cfg: Config, read, tokenize, tokenizer) -> tuple[list, list]:
+def file_sha256(path: str) -> str | None:
+    """A data file's content hash (None for a directory, e.g. a saved ``datasets`` one)."""
+    import hashlib
+    from pathlib import Path
+
+    path = Path(str(path).split("::")[0])
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_splits(cfg: Config, read, tokenize, tokenizer, summary: dict | None = None) -> tuple[list, list]:
     """``data.train`` and ``data.eval`` through :func:`load_file`; hold out ``data.eval_fraction`` of train when no
-    eval file is given."""
+    eval file is given. ``summary`` (a dict) receives what each file gave (``train``, ``eval``) and the item counts
+    trained and evaluated on: what a run writes to RUN/data.json and its model card reports."""
     d = cfg.data
     if not d.train:
         raise InputError("no training data: set data.train=PATH")
-    out = [load_file(cfg, path, read, tokenize, tokenizer)[0] if path else [] for path in (d.train, d.eval)]
+    files: dict[str, dict] = {}
+    out = [load_file(cfg, path, read, tokenize, tokenizer, files.setdefault(name, {}))[0] if path else []
+           for name, path in (("train", d.train), ("eval", d.eval))]
     train, evals = out
     if not evals and d.eval_fraction > 0:
         train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
+    if summary is not None:
+        summary.update(files={k: v for k, v in files.items() if v}, train_items=len(train), eval_items=len(evals),
+                       eval_held_out_of_train=bool(evals) and not d.eval)
     return train, evals
+
+
+def write_data_summary(run_dir, summary: dict, procs) -> None:
+    """RUN/data.json: the data a run read (process 0 writes it)."""
+    import json
+
+    from preftune.train.rundir import atomic_write_text
+
+    if procs.is_main and summary:
+        atomic_write_text(run_dir / "data.json", json.dumps(summary, indent=2))
 
 
 def pair_reader(cfg: Config):
@@ -63,12 +98,14 @@ def pair_reader(cfg: Config):
                              max_pairs_per_prompt=d.max_pairs_per_prompt)
 
 
-def load_tokenized_pairs(cfg: Config, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+def load_tokenized_pairs(cfg: Config, tokenizer, summary: dict | None = None
+                         ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """Read, validate and tokenise the train and eval preference pairs; report skipped rows and truncation."""
-    return load_splits(cfg, pair_reader(cfg), tokenize_pair, tokenizer)
+    return load_splits(cfg, pair_reader(cfg), tokenize_pair, tokenizer, summary)
 
 
-def load_tokenized_examples(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+def load_tokenized_examples(cfg: Config, tokenizer, summary: dict | None = None
+                            ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     """The same for SFT examples (``{prompt, completion}``, ``{messages}``, or pairs' chosen responses)."""
     read = functools.partial(read_sft_examples, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
-    return load_splits(cfg, read, tokenize_example, tokenizer)
+    return load_splits(cfg, read, tokenize_example, tokenizer, summary)

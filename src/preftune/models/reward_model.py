@@ -174,7 +174,7 @@ class RewardModel(nn.Module):
                 "head": {"bias": False, "dtype": "float32"},
                 "normalization": self.normalization}
 
-    def save(self, path: str | Path, tokenizer) -> Path:
+    def save(self, path: str | Path, tokenizer, card: str | None = None) -> Path:
         """Atomic HF-format directory: backbone (safetensors) + tokenizer + head + reward_config.json."""
         from safetensors.torch import save_file
 
@@ -184,7 +184,7 @@ class RewardModel(nn.Module):
             save_file({"weight": self.head.weight.detach().float().contiguous().cpu()}, str(tmp / HEAD_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2), encoding="utf-8")
 
-        return save_model(self.backbone, tokenizer, Path(path), extra=extra)
+        return save_model(self.backbone, tokenizer, Path(path), extra=extra, card=card)
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str | None = None,

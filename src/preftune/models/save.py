@@ -13,9 +13,10 @@ import torch
 from preftune.models.lora import BASE_FILE, is_peft_model
 
 
-def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Path:
+def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None, card: str | None = None) -> Path:
     """HF-format safetensors directory (full weights, or a peft adapter), written atomically (temporary
-    directory, then rename). ``extra(tmp_dir)`` may add files before the rename."""
+    directory, then rename). ``extra(tmp_dir)`` may add files before the rename; ``card`` is written as its
+    README.md (models/card.py)."""
     from preftune.train.rundir import writing
 
     with writing(path, "model"):
@@ -26,6 +27,8 @@ def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Pat
             tokenizer.save_pretrained(tmp)
             if extra is not None:
                 extra(tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -35,12 +38,17 @@ def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None) -> Pat
 
 
 def save_policy(cfg, policy: torch.nn.Module, tokenizer, run_dir: Path) -> None:
-    """``RUN/policy``: full weights, or the LoRA adapter (+ ``RUN/policy-merged`` when lora.export_merged).
-    An adapter directory records its base model spec so ``load_causal_lm`` can rebuild it offline."""
+    """``RUN/policy``: full weights, or the LoRA adapter (+ ``RUN/policy-merged`` when lora.export_merged), each
+    with its model card. An adapter directory records its base model spec so ``load_causal_lm`` can rebuild it
+    offline."""
+    from preftune.models.card import model_card
+
     if not is_peft_model(policy):
-        save_model(policy, tokenizer, run_dir / "policy")
+        save_model(policy, tokenizer, run_dir / "policy", card=model_card(run_dir, "policy"))
         return
     base = json.dumps({"model": cfg.model, "seed": cfg.train.seed})
-    save_model(policy, tokenizer, run_dir / "policy", extra=lambda tmp: (tmp / BASE_FILE).write_text(base))
+    save_model(policy, tokenizer, run_dir / "policy", extra=lambda tmp: (tmp / BASE_FILE).write_text(base),
+               card=model_card(run_dir, "policy (LoRA adapter)", adapter=True))
     if cfg.lora.export_merged:
-        save_model(policy.merge_and_unload(), tokenizer, run_dir / "policy-merged")
+        save_model(policy.merge_and_unload(), tokenizer, run_dir / "policy-merged",
+                   card=model_card(run_dir, "policy (adapter merged into the base)"))

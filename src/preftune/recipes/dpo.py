@@ -20,7 +20,7 @@ def register(sub) -> None:
 def run(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     from preftune.data.collate import pair_collator
-    from preftune.data.splits import load_tokenized_pairs
+    from preftune.data.splits import load_tokenized_pairs, write_data_summary
     from preftune.models.load import load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.train.distributed import Processes, check_sharding
@@ -36,8 +36,10 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
+    data_summary: dict = {}
+    train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
     run_dir = procs.run_dir(cfg, "dpo", resume)
+    write_data_summary(run_dir, data_summary, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(

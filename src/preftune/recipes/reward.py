@@ -77,7 +77,7 @@ def register(sub) -> None:
 def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     """Train a reward model; writes ``RUN/reward_model/`` and returns a summary dict."""
     from preftune.data.collate import collate_pairs
-    from preftune.data.splits import load_tokenized_pairs
+    from preftune.data.splits import load_tokenized_pairs, write_data_summary
     from preftune.models.load import load_tokenizer
     from preftune.models.reward_model import build_reward_model, training_normalization
     from preftune.train.distributed import Processes, check_sharding
@@ -90,8 +90,10 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, eval_items = load_tokenized_pairs(cfg, tokenizer)
+    data_summary: dict = {}
+    train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
     run_dir = procs.run_dir(cfg, "reward", resume)
+    write_data_summary(run_dir, data_summary, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,
@@ -118,7 +120,9 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     path = run_dir / "reward_model"
     whole = procs.unsharded(model, lambda: _fresh_reward_model(cfg, model))
     if procs.is_main:
-        whole.save(path, tokenizer)
+        from preftune.models.card import model_card
+
+        whole.save(path, tokenizer, card=model_card(run_dir, "reward model"))
     procs.barrier()
     return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval,
             "reward_model": str(path), "normalization": model.normalization}

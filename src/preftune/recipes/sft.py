@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.data.collate import collate_examples
-    from preftune.data.splits import load_tokenized_examples
+    from preftune.data.splits import load_tokenized_examples, write_data_summary
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.models.lora import apply_lora
@@ -53,8 +53,10 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, eval_items = load_tokenized_examples(cfg, tokenizer)
+    data_summary: dict = {}
+    train_items, eval_items = load_tokenized_examples(cfg, tokenizer, data_summary)
     run_dir = procs.run_dir(cfg, "sft", resume)
+    write_data_summary(run_dir, data_summary, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),
