@@ -111,6 +111,9 @@ class RunConfig:
     dir: str | None = None  # default: runs/<command>-<timestamp>
     plot: bool = True
     overwrite: bool = False  # a run.dir that already holds a run: false refuses it (use --resume), true replaces it
+    # experiment trackers for dpo, sft, reward and ppo: none | tensorboard | wandb | mlflow | trackio, several
+    # comma-separated (each an optional extra; see preftune/train/trackers.py)
+    report_to: str = "none"
 
 
 @dataclass
@@ -286,7 +289,14 @@ def _check_lora(lora: LoRAConfig) -> None:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lora.dropout}")
 
 
-_SECTION_CHECKS = {DataConfig: _check_data, TrainConfig: _check_train, DPOConfig: _check_dpo, LoRAConfig: _check_lora}
+def _check_run(r: RunConfig) -> None:
+    from preftune.train.trackers import parse_report_to
+
+    parse_report_to(r.report_to)
+
+
+_SECTION_CHECKS = {DataConfig: _check_data, TrainConfig: _check_train, DPOConfig: _check_dpo, LoRAConfig: _check_lora,
+                   RunConfig: _check_run}
 
 
 def _validate(cfg: Any) -> None:

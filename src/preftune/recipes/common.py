@@ -144,8 +144,8 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
     from preftune.eval.plots import plot_training
     from preftune.models.save import save_policy
     from preftune.train.rundir import read_metrics
-
     from preftune.train.runtime import peak_memory_gb
+    from preftune.train.trackers import close_trackers
 
     log.info("process %d of %d (%s): %s", procs.rank, procs.world, procs.sharding if procs.world > 1 else "one",
              ", ".join(f"{k} {v:.2f}" for k, v in peak_memory_gb(next(policy.parameters()).device).items()))
@@ -156,6 +156,7 @@ def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None
     procs.barrier()
     if procs.is_main and cfg.run.plot:
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind=kind)
+    close_trackers(run_dir, run_dir / "training.png" if cfg.run.plot else None)
 
 
 def reused_or_run(run_dir: Path, key: dict, run, *, resumable: bool = False):

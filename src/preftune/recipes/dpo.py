@@ -26,6 +26,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.layout import resolve_layout
     from preftune.train.loop import fit
+    from preftune.train.trackers import open_trackers
     from preftune.train.objectives import dpo_step, evaluate_pairs, loss_from_config, pair_weight
     from preftune.train.policy import build_policy_and_reference, resolve_reference_mode
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
@@ -40,6 +41,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
     run_dir = procs.run_dir(cfg, "dpo", resume)
     write_data_summary(run_dir, data_summary, procs)
+    open_trackers(cfg, run_dir, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(

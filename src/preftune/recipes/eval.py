@@ -37,6 +37,11 @@ def reference_spec(cfg: Config, mode: str) -> str | None:
 
 def run(cfg: Config, *, out: str | None = None) -> dict:
     """Metrics of ``cfg.model`` vs its reference on ``data.eval`` (or ``data.train``)."""
+    if cfg.run.report_to != "none":
+        from preftune.errors import ConfigError
+
+        raise ConfigError("run.report_to applies to training (dpo, sft, reward, ppo); preftune eval reports to no "
+                          "tracker: remove it")
     from preftune.data.splits import load_file, pair_reader
     from preftune.data.tokenize import tokenize_pair
     from preftune.models.load import load_causal_lm, load_tokenizer

@@ -90,6 +90,11 @@ def _read(cfg: JudgeRunConfig, path: str) -> tuple[list[tuple[str, str, str]], b
 
 def run(cfg: JudgeRunConfig, path: str) -> dict:
     """Judge the file's records in both orders; returns the judge card (labelled pairs) or the win rate."""
+    if cfg.run.report_to != "none":
+        from preftune.errors import ConfigError
+
+        raise ConfigError("run.report_to applies to training (dpo, sft, reward, ppo); preftune judge reports to no "
+                          "tracker: remove it")
     import time
 
     from preftune.config import save_config

@@ -148,6 +148,7 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     from preftune.train.rundir import MetricsWriter
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
     from preftune.train.signals import StopOnSignal, stop_run
+    from preftune.train.trackers import open_trackers
 
     check_config(cfg)
     setup_threads(cfg)
@@ -156,6 +157,7 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     scorer = _resolve_scorer(cfg, scorer)
     run_dir = procs.run_dir(cfg, "ppo", resume)
     prompts = _prompts(cfg, procs, run_dir, prompts, resume)
+    open_trackers(cfg, run_dir, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     tokenizer, model, reference, optimizer, scheduler, kl_ctl = _build(cfg, device)
@@ -286,12 +288,14 @@ def _save_outputs(cfg: PPORunConfig, model, tokenizer, run_dir: Path) -> None:
     from preftune.eval.plots import plot_training
     from preftune.models.save import save_policy
     from preftune.train.rundir import read_metrics
+    from preftune.train.trackers import close_trackers
 
     save_policy(cfg, model.policy, tokenizer, run_dir)
     if cfg.run.plot:
         plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training.png", kind="ppo")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
               str(run_dir / "value_head.safetensors"))
+    close_trackers(run_dir, run_dir / "training.png" if cfg.run.plot else None)
 
 
 CONFIG = PPORunConfig  # this command's config (configs/*.yaml that name `command: ppo` parse with it)

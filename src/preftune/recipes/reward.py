@@ -82,6 +82,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     from preftune.models.reward_model import build_reward_model, training_normalization
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
+    from preftune.train.trackers import close_trackers, open_trackers
     from preftune.train.objectives import evaluate_reward, pair_weight, reward_step
     from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
@@ -94,6 +95,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
     run_dir = procs.run_dir(cfg, "reward", resume)
     write_data_summary(run_dir, data_summary, procs)
+    open_trackers(cfg, run_dir, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,
@@ -123,6 +125,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
         from preftune.models.card import model_card
 
         whole.save(path, tokenizer, card=model_card(run_dir, "reward model"))
+    close_trackers(run_dir)
     procs.barrier()
     return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval,
             "reward_model": str(path), "normalization": model.normalization}

@@ -46,6 +46,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.models.lora import apply_lora
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
+    from preftune.train.trackers import open_trackers
     from preftune.train.objectives import evaluate_examples, sft_step, token_weight
     from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
@@ -57,6 +58,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer, data_summary)
     run_dir = procs.run_dir(cfg, "sft", resume)
     write_data_summary(run_dir, data_summary, procs)
+    open_trackers(cfg, run_dir, procs)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),

@@ -189,7 +189,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line and flushes it, so a run that stops keeps every logged step."""
+    """Appends one JSON object per line and flushes it, so a run that stops keeps every logged step; each row
+    also goes to the run's experiment trackers, if it has any (``run.report_to``, train/trackers.py)."""
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
@@ -218,6 +219,11 @@ class MetricsWriter:
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, end)
                 raise
+        from preftune.train.trackers import trackers_for
+
+        trackers = trackers_for(self.path.parent)
+        if trackers is not None:
+            trackers.log(row)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint (they will be logged again)."""
