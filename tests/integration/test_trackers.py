@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from preftune.cli import main
 from preftune.train.rundir import read_metrics

@@ -143,8 +143,7 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     replaces ``ppo.scorer``; ``prompts`` replaces ``ppo.prompts`` (written to RUN/prompts.jsonl)."""
     from preftune import faults
     from preftune.rl.ppo_steps import run_eval_hook, run_iteration
-    from preftune.train.checkpoint import latest_checkpoint, load_checkpoint
-    from preftune.train.loop import DataOrder, Skips
+    from preftune.train.loop import DataOrder
     from preftune.train.rundir import MetricsWriter
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
     from preftune.train.signals import StopOnSignal, stop_run
@@ -162,16 +161,9 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     precision = resolve_precision(cfg, device)
     tokenizer, model, reference, optimizer, scheduler, kl_ctl = _build(cfg, device)
     stepped = procs.wrap(model) if procs.world > 1 else model
-    order, iteration = DataOrder(len(prompts), cfg.train.seed), 0
+    order = DataOrder(len(prompts), cfg.train.seed)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        iteration, kl_ctl.value = state["step"], state["kl_coef"]
-        order.load(state["data"])
-    skips = Skips(state.get("skipped_steps", 0) if checkpoint is not None else 0)
-    if resume:
-        metrics.truncate_after(iteration)
+    iteration, skips = _restore(run_dir, resume, model, optimizer, scheduler, kl_ctl, order, metrics)
     model.train()
     log.info("PPO on %s: %d prompts, scorer=%s, device=%s precision=%s, %d iterations x %d prompts%s",
              cfg.model, len(prompts), s.scorer, device, precision, s.iterations, s.batch_size,
@@ -212,6 +204,24 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
         _save_outputs(cfg, model, tokenizer, run_dir)
     procs.barrier()
     return {"run_dir": str(run_dir), "iterations": iteration, "train": last, "eval": last_eval}
+
+
+def _restore(run_dir: Path, resume: bool, model, optimizer, scheduler, kl_ctl, order, metrics):
+    """(the iteration to continue from, the skipped steps so far): from the latest checkpoint on ``--resume``
+    (weights, optimizer, KL controller, prompt order), else a fresh start; rows logged after it are dropped."""
+    from preftune.train.checkpoint import latest_checkpoint, load_checkpoint
+    from preftune.train.loop import Skips
+
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    iteration, skips = 0, Skips()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        iteration, kl_ctl.value = state["step"], state["kl_coef"]
+        order.load(state["data"])
+        skips = Skips(state.get("skipped_steps", 0))
+    if resume:
+        metrics.truncate_after(iteration)
+    return iteration, skips
 
 
 def _log_iteration(cfg: PPORunConfig, iteration: int, last: dict[str, float]) -> None:
