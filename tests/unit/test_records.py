@@ -193,6 +193,9 @@ BAD = {
     "hh prompts differ": ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
                           ":3: field 'rejected': prompt differs from chosen's"),
     "no prompt to derive": ({"chosen": "plain", "rejected": "text"}, ":3: field 'prompt': missing field"),
+    "string prompt, other conversations": ({"prompt": "Something else?", "chosen": [U, A1], "rejected": [U, A2]},
+                                           ":3: field 'prompt': is a string, and 'chosen'/'rejected' are whole "
+                                           "conversations whose shared messages do not end with a user turn"),
 }
 
 
@@ -284,6 +287,14 @@ def test_implicit_prompt_conversation_is_the_common_message_prefix():
         validate_pair({"chosen": [A1], "rejected": [A2]}, "f", 2)
     with pytest.raises(DataError, match="f:3: field 'rejected': empty"):
         validate_pair({"chosen": [U, A1], "rejected": [U]}, "f", 3)
+
+
+def test_ultrafeedback_rows_a_string_prompt_and_whole_conversations():
+    """UltraFeedback-binarized: ``prompt`` a string, ``chosen``/``rejected`` conversations that begin with it (the
+    most common public DPO format, refused before): the shared user turn is the prompt."""
+    row = {"prompt": U["content"], "chosen": [U, A1], "rejected": [U, A2], "score_chosen": 8.0}
+    pair = validate_pair(row, "uf", 1)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([U], [A1], [A2])
 
 
 def test_hh_strings_split_at_the_last_assistant_turn_keeping_the_leading_space():

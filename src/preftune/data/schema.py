@@ -133,6 +133,19 @@ def _split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
                    "nor Human/Assistant dialogues it could be derived from)", "missing field 'prompt'")
 
 
+def _whole_conversations(prompt: str, chosen: list, rejected: list) -> tuple[list, list, list]:
+    """UltraFeedback-binarized rows (the most common public DPO format): ``prompt`` a string, ``chosen`` and
+    ``rejected`` whole conversations that begin with it. The conversations' shared leading messages are the
+    prompt; the last of them must be the user turn that says ``prompt``."""
+    shared, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+    last = shared[-1]
+    if last["role"] != "user" or last["content"].strip() != prompt.strip():
+        raise Invalid("prompt", "is a string, and 'chosen'/'rejected' are whole conversations whose shared "
+                      "messages do not end with a user turn saying it", "field 'prompt': differs from the "
+                      "conversations' shared user turn")
+    return shared, chosen, rejected
+
+
 def _pair_fields(raw: dict) -> tuple[Text, Text, Text]:
     for name in ("chosen", "rejected"):
         if raw.get(name) is None:
@@ -140,6 +153,8 @@ def _pair_fields(raw: dict) -> tuple[Text, Text, Text]:
     prompt, chosen, rejected = raw.get("prompt"), raw["chosen"], raw["rejected"]
     if prompt is None:
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+    elif isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt, chosen, rejected = _whole_conversations(prompt, chosen, rejected)
     texts = {"prompt": check_text(prompt, "prompt", is_response=False),
              "chosen": check_text(chosen, "chosen", is_response=True),
              "rejected": check_text(rejected, "rejected", is_response=True)}
