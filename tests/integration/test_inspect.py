@@ -66,3 +66,10 @@ def test_inspect_json_and_the_config_command(tmp_path, data, capsys, no_weights)
     assert part["trained"] and part["ends_with_eos"] and part["text"] == " wonderful.<|im_end|>"
     assert main(["inspect", "model=tiny", f"data.train={data}", "--n", "-1"]) == 2
     assert "--n must be >= 0" in capsys.readouterr().err
+
+
+def test_inspect_a_file_whose_records_are_all_skipped(tmp_path, capsys, no_weights):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": " b"}])
+    assert main(["inspect", "model=tiny", f"data.train={data}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 records -> 0 items" in out and "skipped 1: 1 x missing field 'rejected'" in out

@@ -416,3 +416,12 @@ def test_imdb_prompts_reader_names_the_bad_line(tmp_path, line, field):
     with pytest.raises(DataError) as err:
         imdb_prompts(path, 2, seed=0)
     assert (err.value.file, err.value.line, err.value.field) == (str(path), 2, field)
+
+
+def test_a_csv_with_another_delimiter_names_the_columns_it_found(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt;chosen;rejected\nHi;Hello!;Go away.\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_preference_pairs(path)
+    assert str(err.value) == (f"{path}:1: the header names one column, 'prompt;chosen;rejected': separated by ';'? "
+                              "preftune reads comma-separated CSV (columns found: ['prompt;chosen;rejected'])")

@@ -137,6 +137,12 @@ def _csv_header(header: list[str], file: str) -> list[str]:
             raise DataError(file, 1, None, "invalid UTF-8 in the header", reason="invalid UTF-8")
         if name and header.count(name) > 1:
             raise DataError(file, 1, name, "column given twice in the header")
+    if len(header) == 1:  # another delimiter: every record would lack every field but one, named confusingly
+        other = next((d for d in (";", "\t", "|") if d in header[0]), None)
+        if other is not None:
+            raise DataError(file, 1, None, f"the header names one column, {header[0]!r}: separated by {other!r}? "
+                            f"preftune reads comma-separated CSV (columns found: {header})",
+                            reason="not comma-separated")
     return header
 
 

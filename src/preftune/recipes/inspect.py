@@ -141,7 +141,7 @@ def _inspect_file(cfg, kind: str, split: str, path: str, tokenizer, n: int) -> d
             identical["in_the_file" if full["chosen"] == full["rejected"] else "became"].append(record.source)
         if len(shown) < n:
             shown.append(_shown(tokenizer, record, full, kept))
-    return {"split": split, "path": str(path), "records_read": skips.total, "items": len(lengths["prompt"]),
+    return {"split": split, "path": str(path), "records_read": skips.total, "items": len(lengths.get("prompt", [])),
             "skipped": {"count": skips.skipped, "reasons": dict(skips.reasons), "first": skips.examples},
             "refused_at_tokenisation": dict(refused),
             "truncated": truncated, "identical_chosen_rejected": identical,
