@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "openai", "urllib3", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _deepspeed_logs_to_stderr(args.verbose)
+    route_deepspeed_logs(args.verbose)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
@@ -83,7 +83,8 @@ class _ToStderr(logging.Filter):
         return False
 
 
-def _deepspeed_logs_to_stderr(verbose: bool) -> None:
+def route_deepspeed_logs(verbose: bool = False) -> None:
+    """Send DeepSpeed's log records through preftune's logging (stderr), never to stdout (see ``_ToStderr``)."""
     logger = logging.getLogger("DeepSpeed")  # the name DeepSpeed's LoggerFactory gives it; filters survive it
     for old in [f for f in logger.filters if isinstance(f, _ToStderr)]:
         logger.removeFilter(old)

@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "preftune"
-RECIPE_SIDE = ("preftune.cli", "preftune.recipes", "preftune.benchmark")
+RECIPE_SIDE = ("preftune.cli", "preftune.recipes", "preftune.benchmark", "preftune.api")
 MAX_STATEMENTS = 60
 WHY = "# long:"  # a function over the cap says why on the line above its `def`
 

@@ -97,7 +97,7 @@ def _metrics(run_dir: Path) -> list[str]:
 
 def model_card(run_dir: Path, what: str = "policy", *, adapter: bool = False) -> str:
     """The card of the model ``what`` (policy, merged policy, reward model) saved from ``run_dir``."""
-    from preftune import __version__
+    from preftune.version import __version__
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     command = saved.pop("command", "dpo")

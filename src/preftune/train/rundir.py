@@ -153,7 +153,7 @@ def write_env(path: Path, seed: int) -> None:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_sha": _git_sha(), "seed": seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    from preftune import __version__
+    from preftune.version import __version__
 
     env["preftune"] = __version__
     (path / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
