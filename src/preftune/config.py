@@ -40,6 +40,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps
+    # passes over the training data instead (as num_train_epochs): when set, max_steps becomes
+    # ceil(epochs x train items / (batch_size x grad_accum_steps x processes)), recorded in RUN/config.yaml
+    epochs: float | None = None
     batch_size: int = 8  # pairs (DPO) or examples (SFT) per micro-batch, per process
     grad_accum_steps: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum_steps
     lr: float = 5e-6
@@ -264,6 +267,8 @@ def _check_train(t: TrainConfig) -> None:
                        ("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if t.epochs is not None and not t.epochs > 0:
+        raise ConfigError(f"config key 'train.epochs' must be > 0 (or null to train for train.max_steps), got {t.epochs}")
     if t.num_threads is not None and t.num_threads < 1:
         raise ConfigError(f"config key 'train.num_threads' must be >= 1 (or null for torch's default), got "
                           f"{t.num_threads}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from preftune.cli import main
 from preftune.config import TrainConfig, load_config
 from preftune.train.loop import DataOrder, lr_factor, resolved_warmup
 from preftune.train.rundir import read_metrics
@@ -243,3 +244,18 @@ def test_compiled_policy_trains_like_the_eager_one(tmp_path, pairs_file):
     eager, compiled = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("False", "True"))
     for key in ("loss", "grad_norm", "logps/chosen"):
         assert [r[key] for r in eager] == pytest.approx([r[key] for r in compiled], rel=1e-4, abs=1e-5), key
+
+
+def test_train_epochs_sets_max_steps_from_the_data(tmp_path, pairs_file):
+    """train.epochs=2 over 8 pairs, 2 per step: 8 steps, recorded as train.max_steps in RUN/config.yaml; the
+    data order's epoch counter agrees."""
+    import yaml
+
+    from preftune.train.rundir import read_metrics
+
+    assert main(["dpo", "model=tiny", f"data.train={pairs_file}", "train.epochs=2", "train.batch_size=2",
+                 "train.progress=false", "run.plot=false", f"run.dir={tmp_path / 'run'}"]) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 8
+    assert main(["dpo", "model=tiny", f"data.train={pairs_file}", "train.epochs=0"]) == 2

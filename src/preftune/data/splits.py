@@ -109,3 +109,16 @@ def load_tokenized_examples(cfg: Config, tokenizer, summary: dict | None = None
     """The same for SFT examples (``{prompt, completion}``, ``{messages}``, or pairs' chosen responses)."""
     read = functools.partial(read_sft_examples, on_invalid=cfg.data.on_invalid, limit=cfg.data.limit)
     return load_splits(cfg, read, tokenize_example, tokenizer, summary)
+
+
+def resolve_epochs(cfg, n_items: int, processes: int = 1) -> None:
+    """``train.epochs`` as ``train.max_steps`` (a step sees batch_size x grad_accum_steps x processes items)."""
+    t = cfg.train
+    if t.epochs is None:
+        return
+    import math
+
+    per_step = t.batch_size * t.grad_accum_steps * processes
+    t.max_steps = max(1, math.ceil(t.epochs * n_items / per_step))
+    log.info("train.epochs=%g over %d items, %d per step: train.max_steps=%d", t.epochs, n_items, per_step,
+             t.max_steps)

@@ -21,7 +21,7 @@ RESUME_RULE = ("--resume RUN_DIR continues the run in RUN_DIR from its last chec
                "refused, and so is a YAML file.")
 # keys an override may change on --resume: they extend the run or change how it is observed, not what it computes
 RESUMABLE_KEYS = frozenset({
-    "train.max_steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.eval_batch_size", "train.progress", "train.num_threads", "train.max_skipped_steps", "train.save_final",
     "ppo.iterations", "ppo.eval_every", "ppo.save_every", "run.plot", "run.dir"})
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
 def run(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     from preftune.data.collate import pair_collator
-    from preftune.data.splits import load_tokenized_pairs, write_data_summary
+    from preftune.data.splits import load_tokenized_pairs, resolve_epochs, write_data_summary
     from preftune.models.load import load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.train.distributed import Processes, check_sharding
@@ -39,6 +39,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data_summary: dict = {}
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
+    resolve_epochs(cfg, len(train_items), procs.world)
     run_dir = procs.run_dir(cfg, "dpo", resume)
     write_data_summary(run_dir, data_summary, procs)
     open_trackers(cfg, run_dir, procs)

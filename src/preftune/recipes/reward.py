@@ -77,7 +77,7 @@ def register(sub) -> None:
 def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     """Train a reward model; writes ``RUN/reward_model/`` and returns a summary dict."""
     from preftune.data.collate import collate_pairs
-    from preftune.data.splits import load_tokenized_pairs, write_data_summary
+    from preftune.data.splits import load_tokenized_pairs, resolve_epochs, write_data_summary
     from preftune.models.load import load_tokenizer
     from preftune.models.reward_model import build_reward_model, training_normalization
     from preftune.train.distributed import Processes, check_sharding
@@ -93,6 +93,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data_summary: dict = {}
     train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
+    resolve_epochs(cfg, len(train_items), procs.world)
     run_dir = procs.run_dir(cfg, "reward", resume)
     write_data_summary(run_dir, data_summary, procs)
     open_trackers(cfg, run_dir, procs)

@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.data.collate import collate_examples
-    from preftune.data.splits import load_tokenized_examples, write_data_summary
+    from preftune.data.splits import load_tokenized_examples, resolve_epochs, write_data_summary
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.models.lora import apply_lora
@@ -56,6 +56,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data_summary: dict = {}
     train_items, eval_items = load_tokenized_examples(cfg, tokenizer, data_summary)
+    resolve_epochs(cfg, len(train_items), procs.world)
     run_dir = procs.run_dir(cfg, "sft", resume)
     write_data_summary(run_dir, data_summary, procs)
     open_trackers(cfg, run_dir, procs)
