@@ -27,7 +27,9 @@ class DataConfig:
     eval: str | None = None  # held-out pairs; when unset, `eval_fraction` of train is held out
     eval_fraction: float = 0.0
     max_length: int = 512  # bound on prompt + response tokens, per sequence
-    max_prompt_tokens: int = 256  # longer prompts keep their END (the part next to the response)
+    # longer prompts keep their END (the part next to the response); null: min(256, max_length // 2), resolved when
+    # the config loads (so data.max_length alone may be set)
+    max_prompt_tokens: int | None = None
     prompt_overflow: str = "truncate"  # truncate | error: a prompt over max_prompt_tokens is cut or is an error
     append_eos: bool = True  # false: responses carry their own end marker (sampled text that kept its EOS)
     on_invalid: str = "error"  # error | skip: a malformed record stops the run (exit 2) or is skipped and counted
@@ -244,6 +246,11 @@ def _not_used(obj: Any, command: str, key: str, value: Any) -> str:
 
 
 def _check_data(d: DataConfig) -> None:
+    if d.max_length < 2:
+        raise ConfigError(f"config key 'data.max_length' must be >= 2 (a prompt token and a response token), got "
+                          f"{d.max_length}")
+    if d.max_prompt_tokens is None:  # resolved here, once: RUN/config.yaml records the number
+        d.max_prompt_tokens = min(256, d.max_length // 2)
     if d.max_prompt_tokens < 1:
         raise ConfigError("config key 'data.max_prompt_tokens' must be >= 1: the last prompt token predicts the "
                           "first response token")

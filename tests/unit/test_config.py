@@ -32,7 +32,9 @@ def write_yaml(tmp_path: Path, text: str) -> Path:
 def test_defaults_load():
     # Catches: defaults that fail their own validation, or load_config() drifting from the dataclasses.
     cfg = load_config()
-    assert cfg == Config()
+    fresh = Config()
+    fresh.data.max_prompt_tokens = 256  # resolved at load from data.max_length (512)
+    assert cfg == fresh
     assert (cfg.model, cfg.ref_model, cfg.dpo.beta, cfg.train.optimizer) == ("smollm2-135m", None, 0.1, "rmsprop")
     assert cfg.data.max_prompt_tokens < cfg.data.max_length
 
@@ -40,7 +42,9 @@ def test_defaults_load():
 def test_load_config_does_not_mutate_a_fresh_default():
     # Catches: a shared mutable default (e.g. a module-level Config) being merged into in place.
     load_config(overrides=["dpo.beta=0.3", "train.max_steps=3"])
-    assert load_config() == Config()
+    fresh = Config()
+    fresh.data.max_prompt_tokens = 256  # the one default resolved at load (from data.max_length)
+    assert load_config() == fresh
 
 
 def test_yaml_then_overrides_merge_and_override_wins(tmp_path):
@@ -369,3 +373,13 @@ def test_a_commands_help_shows_its_own_defaults_and_inherited_notes():
 def test_a_config_that_names_no_command_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="'command' must name a command"):
         load_config(write_yaml(tmp_path, "command:\nmodel: tiny\n"))
+
+
+def test_data_max_length_alone_is_enough():
+    """max_prompt_tokens left unset follows max_length (min(256, max_length // 2)); it used to stay 256 and refuse
+    any max_length up to 256. The resolved number is what the run records."""
+    assert load_config(None, ["data.max_length=128"]).data.max_prompt_tokens == 64
+    assert load_config(None, []).data.max_prompt_tokens == 256
+    assert load_config(None, ["data.max_length=1024", "data.max_prompt_tokens=300"]).data.max_prompt_tokens == 300
+    with pytest.raises(ConfigError, match="data.max_length' must be >= 2"):
+        load_config(None, ["data.max_length=1"])
