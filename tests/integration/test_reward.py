@@ -107,6 +107,34 @@ def test_score_cli_with_the_trained_reward_model(learned, tmp_path, capsys):
     assert f"{(good + bad) / 2:.4f}" in out
 
 
+def test_score_cli_on_conversation_prompts(learned, tmp_path, capsys):
+    """`preftune sample` of chat prompts writes conversations: a reward model scores each reply after the
+    conversation rendered by its chat template (exactly its score_replies), VADER the reply alone; a string row
+    beside them keeps the full-text path."""
+    from preftune.eval.scorers import get_scorer
+    from preftune.models.reward_model import RewardModel
+
+    run_dir, _ = learned
+    chat = [{"role": "user", "content": "How was the villain?"}]
+    rows = [{"prompt": chat, "completion": "He was excellent."}, {"prompt": chat, "completion": "Awful, truly."},
+            {"prompt": "The villain", "completion": " was excellent, on the whole."}]
+    samples = write_jsonl(tmp_path / "samples.jsonl", rows)
+    code, _, err = _run(capsys, ["score", str(samples), "--scorer", f"rm:{run_dir / 'reward_model'}", "--out",
+                                 str(tmp_path / "rm.jsonl")])
+    assert code == 0, err
+    got = [json.loads(line)["score_rm"] for line in (tmp_path / "rm.jsonl").read_text().splitlines()]
+    model = RewardModel.load(run_dir / "reward_model")
+    assert got[:2] == pytest.approx(model.score_replies([chat, chat], ["He was excellent.", "Awful, truly."]))
+    assert got[2] == pytest.approx(model.score_texts(["The villain was excellent, on the whole."])[0])
+    code, _, err = _run(capsys, ["score", str(samples), "--scorer", "vader", "--out", str(tmp_path / "v.jsonl")])
+    assert code == 0, err
+    vader = [json.loads(line)["score_vader"] for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert vader[:2] == pytest.approx(get_scorer("vader")(["He was excellent.", "Awful, truly."]))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "robot", "content": "x"}], "completion": "y"}])
+    code, _, err = _run(capsys, ["score", str(bad), "--scorer", "vader"])
+    assert code == 2 and "bad.jsonl:1: field 'prompt': message #1: role 'robot'" in err
+
+
 def test_resume_restores_the_head(tmp_path, capsys):
     """Train 4 steps (checkpoints at 2 and 4); resume a copy from step 2: the final weights, head included,
     are identical to the uninterrupted run's (a head not restored from the checkpoint would restart at zero)."""

@@ -296,6 +296,7 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer_name: str) -> f
     ``prompt + completion`` (``prompt`` optional, empty if absent); write ``out_path``
     atomically; return the mean score. A bad row is a DataError naming the file, the line and the field."""
     from preftune.data.records import read_jsonl_rows, write_jsonl
+    from preftune.data.schema import check_text, located
     from preftune.errors import DataError
 
     in_path, out_path = Path(in_path), Path(out_path)
@@ -304,12 +305,34 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer_name: str) -> f
     for line_no, row in read_jsonl_rows(in_path):  # the data readers' JSONL: BOM, bad bytes, bad JSON located
         if not isinstance(row.get("completion"), str):
             raise DataError(str(in_path), line_no, "completion", "missing or not a string")
-        if not isinstance(row.get("prompt", ""), str):
-            raise DataError(str(in_path), line_no, "prompt", "not a string")
+        if not isinstance(row.get("prompt", ""), str):  # a conversation (`preftune sample` of chat prompts)
+            located(lambda raw: check_text(raw["prompt"], "prompt", is_response=False), row, str(in_path), line_no)
         rows.append(row)
     if not rows:
         raise InputError(f"{in_path}: no rows to score")
-    scores = scorer([review_text(r.get("prompt", ""), r["completion"]) for r in rows])
+    scores = _scores(scorer, rows)
     field = f"score_{scorer.name}"
     write_jsonl(out_path, ({**row, field: score} for row, score in zip(rows, scores)))
     return float(np.mean(scores))
+
+
+def _scores(scorer, rows: list[dict]) -> list[float]:
+    """Each row's score: on the full text ``prompt + completion`` for a string prompt; for a conversation prompt,
+    a reward model scores the reply after the conversation rendered by its chat template (as it was trained), and a
+    text scorer (sentiment, VADER) the reply alone."""
+    chat = [i for i, r in enumerate(rows) if isinstance(r.get("prompt", ""), list)]
+    plain = [i for i in range(len(rows)) if i not in set(chat)]
+    scores: list[float] = [0.0] * len(rows)
+    if plain:
+        for i, score in zip(plain, scorer([review_text(rows[i].get("prompt", ""), rows[i]["completion"])
+                                           for i in plain])):
+            scores[i] = score
+    if chat:
+        model = getattr(scorer, "model", None)
+        if hasattr(model, "score_replies"):
+            chat_scores = model.score_replies([rows[i]["prompt"] for i in chat], [rows[i]["completion"] for i in chat])
+        else:
+            chat_scores = scorer([rows[i]["completion"] for i in chat])
+        for i, score in zip(chat, chat_scores):
+            scores[i] = score
+    return scores
