@@ -43,16 +43,17 @@ def test_a_dpo_policy_card_reports_the_run_and_reproduces_it(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("command, extra, directory, tags", [
-    ("reward", [], "reward_model", ["preftune", "reward-model"]),
-    ("dpo", ["lora.enabled=true", "dpo.loss=ipo"], "policy", ["preftune", "dpo", "ipo", "lora"]),
-    ("dpo", ["lora.enabled=true"], "policy-merged", ["preftune", "dpo"]),
+@pytest.mark.parametrize("command, extra, cards", [
+    ("reward", [], {"reward_model": ["preftune", "reward-model"]}),
+    ("dpo", ["lora.enabled=true", "dpo.loss=ipo"], {"policy": ["preftune", "dpo", "ipo", "lora"],
+                                                    "policy-merged": ["preftune", "dpo", "ipo"]}),
 ])
-def test_reward_model_and_adapter_cards(tmp_path, pairs_file, command, extra, directory, tags):
+def test_reward_model_and_adapter_cards(tmp_path, pairs_file, command, extra, cards):
     assert main([command, *FAST, f"data.train={pairs_file}", *extra, f"run.dir={tmp_path / 'run'}"]) == 0
-    card = (tmp_path / "run" / directory / "README.md").read_text(encoding="utf-8")  # peft's own card replaced
-    assert _front(card)["tags"] == tags and _front(card)["library_name"] == "preftune"
-    assert f"```yaml\ncommand: {command}\n" in card
+    for directory, tags in cards.items():
+        card = (tmp_path / "run" / directory / "README.md").read_text(encoding="utf-8")  # peft's own card replaced
+        assert _front(card)["tags"] == tags and _front(card)["library_name"] == "preftune"
+        assert f"```yaml\ncommand: {command}\n" in card
 
 
 def test_the_base_model_is_named_only_for_hub_models(tmp_path):
