@@ -54,7 +54,11 @@ def test_a_deepspeed_launch_config_asks_for_zero(monkeypatch):
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
                  "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="train.sharding=zero2 shards across several processes"):
+        resolve_sharding("zero2")  # one process: refused, never silently unsharded
     monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_sharding("zero2") == "zero2"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert resolve_sharding("none") == "zero3"
@@ -67,6 +71,12 @@ def test_a_deepspeed_launch_config_asks_for_zero(monkeypatch):
             m.setenv(name, value)
             with pytest.raises(ConfigError, match=message):
                 resolve_sharding("none")
+
+
+def test_lora_under_zero_is_refused():
+    with pytest.raises(ConfigError, match="train.sharding=zero3 does not support LoRA yet"):
+        check_sharding(SimpleNamespace(sharding="zero3"), load_config(None, ["lora.enabled=true"]))
+    check_sharding(SimpleNamespace(sharding="fsdp2"), load_config(None, ["lora.enabled=true"]))  # FSDP2 trains it
 
 
 @pytest.mark.parametrize("override, refused", [

@@ -23,7 +23,8 @@ def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None, card: 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            with _without_deepspeed_probe():
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if extra is not None:
                 extra(tmp)
@@ -35,6 +36,25 @@ def save_model(model: torch.nn.Module, tokenizer, path: Path, extra=None, card: 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _without_deepspeed_probe():
+    """``save_pretrained`` unwraps the model through accelerate, which imports DeepSpeed whenever it is installed
+    (1-3 s per process, on every save, to check for an engine preftune never hands it: the model saved here is
+    always a plain module). While DeepSpeed is not imported yet, the probe is told it is absent."""
+    import contextlib
+    import sys
+    from unittest import mock
+
+    if "deepspeed" in sys.modules:
+        return contextlib.nullcontext()
+    try:
+        import accelerate.utils.other as other
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(other, "is_deepspeed_available"):
+        return contextlib.nullcontext()
+    return mock.patch.object(other, "is_deepspeed_available", lambda: False)
 
 
 def save_policy(cfg, policy: torch.nn.Module, tokenizer, run_dir: Path) -> None:
