@@ -295,7 +295,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"])  # zero2: -m slow (time)
 def test_zero_two_processes_equal_one_with_a_partitioned_reference(tmp_path, pairs_file, stage):
     """ZeRO-2 and ZeRO-3 on 2 processes x (batch 1 x 2 accumulation) = 1 process x batch 4 under SGD (a gradient
     off by the number of processes would show): losses, gradient norms (DeepSpeed's own), held-out metrics and the
@@ -312,6 +312,7 @@ def test_zero_two_processes_equal_one_with_a_partitioned_reference(tmp_path, pai
 
 
 @needs_deepspeed
+@pytest.mark.slow  # the suite's time: runs with make test-slow
 def test_zero3_with_precomputed_reference_log_probs_equals_one_process(tmp_path, pairs_file):
     """The precompute pass on a partitioned reference, each process computing half of the pairs, then ZeRO-3
     training on the cached log-probs. (SFT and the reward model go through the same loop and engine: their
