@@ -27,14 +27,24 @@ def test_each_decoder_layer_is_a_unit():
     assert local_fraction(model) == 1.0  # unsharded: every element is held
 
 
+@pytest.mark.parametrize("setting", ["fsdp2", "zero2"])
+def test_sharding_needs_several_processes(monkeypatch, setting):
+    if setting.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=f"train.sharding={setting} shards across several processes"):
+        resolve_sharding(setting)  # one process: refused, never silently unsharded
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_sharding(setting) == setting
+
+
 def test_sharding_setting_and_the_accelerate_launcher(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert resolve_sharding("none") == "none"
-    with pytest.raises(ConfigError, match="shards across several processes"):
-        resolve_sharding("fsdp2")  # one process: refused, never silently unsharded
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resolve_sharding("fsdp2") == "fsdp2"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert resolve_sharding("none") == "fsdp2"  # accelerate launch --config_file configs/accelerate/fsdp2.yaml
@@ -54,11 +64,7 @@ def test_a_deepspeed_launch_config_asks_for_zero(monkeypatch):
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
                  "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(ConfigError, match="train.sharding=zero2 shards across several processes"):
-        resolve_sharding("zero2")  # one process: refused, never silently unsharded
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resolve_sharding("zero2") == "zero2"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert resolve_sharding("none") == "zero3"

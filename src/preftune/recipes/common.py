@@ -138,6 +138,22 @@ def _fresh_policy(cfg, trained):
     return apply_lora(model, cfg.lora, seed=cfg.train.seed) if is_peft_model(trained) else model
 
 
+def start_training_run(cfg, procs, command: str, resume: bool, load, tokenizer):
+    """The start of a dpo, sft or reward run: its data read (``load(cfg, tokenizer, summary)``), ``train.epochs``
+    turned into ``train.max_steps``, then its run directory (which saves the config), ``RUN/data.json`` and its
+    experiment trackers. Returns (train items, eval items, run directory)."""
+    from preftune.data.splits import resolve_epochs, write_data_summary
+    from preftune.train.trackers import open_trackers
+
+    summary: dict = {}
+    train_items, eval_items = load(cfg, tokenizer, summary)
+    resolve_epochs(cfg, len(train_items), procs.world)
+    run_dir = procs.run_dir(cfg, command, resume)
+    write_data_summary(run_dir, summary, procs)
+    open_trackers(cfg, run_dir, procs)
+    return train_items, eval_items, run_dir
+
+
 def finish_policy_run(procs, cfg, policy, tokenizer, run_dir, kind: str) -> None:
     """The end of a policy-training run (DPO, SFT): process 0 saves RUN/policy and plots the metrics around one
     barrier."""

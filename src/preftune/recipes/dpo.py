@@ -6,7 +6,7 @@ import functools
 import logging
 
 from preftune.config import Config
-from preftune.recipes.common import finish_policy_run, register_training
+from preftune.recipes.common import finish_policy_run, register_training, start_training_run
 
 log = logging.getLogger(__name__)
 HELP = "train a policy on preference pairs with DPO"
@@ -20,13 +20,12 @@ def register(sub) -> None:
 def run(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     from preftune.data.collate import pair_collator
-    from preftune.data.splits import load_tokenized_pairs, resolve_epochs, write_data_summary
+    from preftune.data.splits import load_tokenized_pairs
     from preftune.models.load import load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.layout import resolve_layout
     from preftune.train.loop import fit
-    from preftune.train.trackers import open_trackers
     from preftune.train.objectives import dpo_step, evaluate_pairs, loss_from_config, pair_weight
     from preftune.train.policy import build_policy_and_reference, resolve_reference_mode
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
@@ -37,12 +36,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    data_summary: dict = {}
-    train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
-    resolve_epochs(cfg, len(train_items), procs.world)
-    run_dir = procs.run_dir(cfg, "dpo", resume)
-    write_data_summary(run_dir, data_summary, procs)
-    open_trackers(cfg, run_dir, procs)
+    train_items, eval_items, run_dir = start_training_run(cfg, procs, "dpo", resume, load_tokenized_pairs, tokenizer)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     policy, reference, splits = build_policy_and_reference(

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from preftune.config import DataConfig, RunConfig, TrainConfig
 from preftune.errors import ConfigError
-from preftune.recipes.common import register_training
+from preftune.recipes.common import register_training, start_training_run
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,12 @@ def register(sub) -> None:
 def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     """Train a reward model; writes ``RUN/reward_model/`` and returns a summary dict."""
     from preftune.data.collate import collate_pairs
-    from preftune.data.splits import load_tokenized_pairs, resolve_epochs, write_data_summary
+    from preftune.data.splits import load_tokenized_pairs
     from preftune.models.load import load_tokenizer
     from preftune.models.reward_model import build_reward_model, training_normalization
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
-    from preftune.train.trackers import close_trackers, open_trackers
+    from preftune.train.trackers import close_trackers
     from preftune.train.objectives import evaluate_reward, pair_weight, reward_step
     from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
@@ -91,12 +91,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    data_summary: dict = {}
-    train_items, eval_items = load_tokenized_pairs(cfg, tokenizer, data_summary)
-    resolve_epochs(cfg, len(train_items), procs.world)
-    run_dir = procs.run_dir(cfg, "reward", resume)
-    write_data_summary(run_dir, data_summary, procs)
-    open_trackers(cfg, run_dir, procs)
+    train_items, eval_items, run_dir = start_training_run(cfg, procs, "reward", resume, load_tokenized_pairs, tokenizer)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     log.info("reward model on %s: %d train / %d eval pairs, device=%s precision=%s", cfg.model,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from preftune.config import DataConfig, LoRAConfig, RunConfig, TrainConfig
-from preftune.recipes.common import finish_policy_run, register_training
+from preftune.recipes.common import finish_policy_run, register_training, start_training_run
 
 log = logging.getLogger(__name__)
 HELP = "supervised fine-tuning on completions (Preferred-FT on pairs' chosen)"
@@ -40,13 +40,12 @@ def register(sub) -> None:
 
 def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.data.collate import collate_examples
-    from preftune.data.splits import load_tokenized_examples, resolve_epochs, write_data_summary
+    from preftune.data.splits import load_tokenized_examples
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.models.lora import apply_lora
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
-    from preftune.train.trackers import open_trackers
     from preftune.train.objectives import evaluate_examples, sft_step, token_weight
     from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
@@ -54,12 +53,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    data_summary: dict = {}
-    train_items, eval_items = load_tokenized_examples(cfg, tokenizer, data_summary)
-    resolve_epochs(cfg, len(train_items), procs.world)
-    run_dir = procs.run_dir(cfg, "sft", resume)
-    write_data_summary(run_dir, data_summary, procs)
-    open_trackers(cfg, run_dir, procs)
+    train_items, eval_items, run_dir = start_training_run(cfg, procs, "sft", resume, load_tokenized_examples, tokenizer)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)
     log.info("SFT on %s: %d train / %d eval examples, device=%s precision=%s", cfg.model, len(train_items),

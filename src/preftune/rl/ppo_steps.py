@@ -16,7 +16,7 @@ from preftune.rl.ppo_math import (clipped_policy_loss, clipped_value_loss, gae, 
                                   token_entropy, whiten)
 from preftune import faults
 from preftune.rl.settings import PPOSettings
-from preftune.train.loop import Skips
+from preftune.train.loop import Skips, clipped_step
 
 EvalHook = Callable[[nn.Module, int], "dict[str, float] | None"]
 
@@ -178,14 +178,7 @@ def ppo_update(model: PolicyWithValue, optimizer, scheduler, r: Rollout, s: PPOS
                 loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
             (loss * (weight * world)).backward()
-            max_norm = train.max_grad_norm if train.max_grad_norm > 0 else float("inf")
-            # the norm of the all-reduced gradient: the same on every process, so all skip together
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            taken = bool(torch.isfinite(grad_norm))
-            if taken:
-                optimizer.step()
-            scheduler.step()  # a skipped step still counts as a step of the schedule
-            optimizer.zero_grad(set_to_none=True)
+            taken, grad_norm = clipped_step(params, optimizer, scheduler, train.max_grad_norm)
             if skips is not None:
                 skips.record(taken, f"iteration {iteration}, minibatch step {step + 1}", train)
             step += 1

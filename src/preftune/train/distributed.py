@@ -225,7 +225,7 @@ class Processes:
         """The trained ``module`` as one whole model to save: itself, or under FSDP2 its weights gathered from the
         wrapped root (``ddp``; ``prefix``: the module's name in it) into ``build()``'s fresh model on process 0
         (None on the others). Every process must call it."""
-        if self.sharding == "none" or self.sharding in ("zero1", "zero2"):
+        if not self.sharded_weights:
             return module  # whole on every process
         if self.zero:
             from preftune.train.zero import full_state_dict

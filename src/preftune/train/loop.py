@@ -299,21 +299,31 @@ def _optimizer_step(micro: list[dict[str, torch.Tensor]], step_fn, weight_fn, pa
     if procs.zero:  # the ZeRO optimizer skips a step whose gradient is not finite itself
         taken = procs.ddp.was_step_applied()
         grad_norm = torch.as_tensor(procs.ddp.get_global_grad_norm() if taken else float("nan"), dtype=torch.float32)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     else:
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        # the norm of the whole (all-reduced or sharded) gradient: the same on every process, so all skip together
-        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        taken = bool(torch.isfinite(grad_norm))
-    if taken and not procs.zero:
-        optimizer.step()
-    scheduler.step()  # a skipped step still counts as a step of the schedule (and of the data order)
-    optimizer.zero_grad(set_to_none=True)
+        taken, grad_norm = clipped_step(params, optimizer, scheduler, cfg.max_grad_norm)
     timer.lap("optimizer")
     timer.steps += 1
     if taken:
         window.sums.merge(step_sums)
         window.sums.add({"grad_norm": (grad_norm.detach().float(), torch.tensor(1.0))})
     return taken
+
+
+def clipped_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[bool, torch.Tensor]:
+    """Clip the gradient to ``max_grad_norm`` (0: no clipping) and step the optimizer, unless the gradient's norm
+    is not finite: then no update (the step is skipped). The schedule steps either way (a skipped step still counts,
+    as it does for the data order); the gradients are zeroed. Returns (taken, the norm before clipping). The norm is
+    of the whole all-reduced or sharded gradient, the same on every process, so all processes skip together."""
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    taken = bool(torch.isfinite(grad_norm))
+    if taken:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return taken, grad_norm
 
 
 class Skips:

@@ -26,7 +26,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 NAMES = ("tensorboard", "wandb", "mlflow", "trackio")
-_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 _OPEN: dict[Path, "Trackers"] = {}  # run directory -> its trackers (MetricsWriter looks its run up here)
 
 
@@ -39,7 +38,7 @@ def parse_report_to(value: str | None) -> list[str]:
         if name not in NAMES:
             raise ConfigError(f"config key 'run.report_to': unknown tracker {name!r} (choose from {', '.join(NAMES)}, "
                               "comma-separated, or none)")
-        if importlib.util.find_spec(_MODULES[name]) is None:
+        if importlib.util.find_spec(name) is None:  # each tracker's package has its name
             raise ConfigError(f"run.report_to={name} needs the {name} package: pip install 'preftune[{name}]'")
     return list(dict.fromkeys(names))
 
