@@ -15,6 +15,8 @@ script or a notebook, with the objects a user already holds.
   keyword (``train={"max_steps": 10}``); all validated the same strict way as on the command line.
 - ``resume=RUN_DIR`` continues a run under the CLI's ``--resume`` rule.
 
+``preftune.export(model, "policy.gguf", type="f16")`` writes a trained policy for llama.cpp (``preftune export``).
+
 The same run directory, metrics, checkpoints and model card as the CLI; the return value is a :class:`Result`.
 """
 
@@ -81,6 +83,21 @@ def sft(model=None, **kwargs) -> Result:
 def reward(model=None, **kwargs) -> Result:
     """Train a Bradley-Terry reward model; see the module docstring for the arguments."""
     return _train("reward", model, **kwargs)
+
+
+def export(model, gguf: str | Path, *, tokenizer=None, type: str = "f16", tokenizer_pre: str | None = None) -> dict:
+    """Write ``model`` (a spec string such as ``result.run_dir / "policy"``, or an in-memory Llama-family
+    ``transformers`` model with its ``tokenizer=``) as a GGUF file for llama.cpp; returns the CLI's summary."""
+    from preftune.errors import ConfigError
+    from preftune.models.gguf_export import export_gguf
+    from preftune.recipes.export import load_exportable
+
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_exportable(str(model))
+    elif tokenizer is None:
+        raise ConfigError("model= is an in-memory model: pass its tokenizer= too")
+    return export_gguf(model, tokenizer, Path(gguf), kind=type, name=Path(str(gguf)).stem,
+                       tokenizer_pre=tokenizer_pre)
 
 
 def _recipe(command: str):

@@ -43,7 +43,7 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
     rows = json.loads(out.read_text())  # the file is the list of rows (the issue's format) ...
     assert isinstance(rows, list)
     doc = json.loads((tmp_path / "bench.summary.json").read_text())  # ... and the rest beside it
-    assert set(doc) == {"meta", "gate", "summary", "ratios"}
+    assert set(doc) == {"meta", "gate", "summary", "ratios", "limits"}
     assert [r["system"] for r in rows] == ["preftune", "trl-default", "trl-best"]
     for r in rows:
         assert r["workload"] == "tiny-cpu" and r["error"] is None
@@ -73,8 +73,19 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, capsys):
             assert r[metric] == pytest.approx(by_system["preftune"][metric] / by_system[baseline][metric])
     assert all(s["mfu"] == pytest.approx(s["tokens_per_s"] * 8 * 3_219_776 / 0.05e12) for s in doc["summary"])
     assert doc["meta"]["peak_tflops"] == 0.05
+    # the step's limit on this machine (matmuls at the step's shapes, attention, the optimizer's memory traffic)
+    limit = doc["limits"]["tiny-cpu"]
+    parts = ("body_matmuls_s", "head_matmuls_s", "attention_s", "optimizer_s")
+    assert limit["limit_s"] == pytest.approx(sum(limit[k] for k in parts)) and all(limit[k] > 0 for k in parts)
+    assert limit["step_over_limit"] == pytest.approx(by_system["preftune"]["step_s"] / limit["limit_s"])
+    assert limit["layout"] == rows[0]["settings"]["layout"] and limit["bandwidth_gb_s"] > 0.1
+    memory, n = limit["memory_gb"], 3_219_776  # fp32, RMSprop, a live fp32 reference: 4 bytes a parameter each
+    assert memory["weights"] == memory["gradients"] == memory["optimizer_state"] == memory["reference"] == round(
+        4 * n / 2**30, 3)
+    assert 0.2 < memory["runtime"] < by_system["preftune"]["peak_mem_gb"]
+    assert sum(memory.values()) == pytest.approx(by_system["preftune"]["peak_mem_gb"], abs=0.01)
     printed = capsys.readouterr().out
-    assert "preftune / TRL" in printed and "MFU" in printed
+    assert "preftune / TRL" in printed and "MFU" in printed and "x the limit" in printed
 
 
 def test_bench_rejects_a_bad_preftune_override(capsys):
@@ -82,6 +93,7 @@ def test_bench_rejects_a_bad_preftune_override(capsys):
     assert "train.layuot" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the suite's time: runs with make test-slow
 def test_bench_precomputed_reference_mode_reaches_both_systems(tmp_path):
     """--reference precomputed: preftune runs reference.mode=precomputed and TRL precompute_ref_log_probs=True
     (the one-off pass comes before the first, untimed step for both)."""

@@ -224,7 +224,8 @@ def test_fsdp2_two_processes_equal_one_with_a_sharded_reference(tmp_path, pairs_
 
 
 @pytest.mark.parametrize("command, extra, keys, weights", [
-    ("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"), "policy/model.safetensors"),
+    pytest.param("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"),
+                 "policy/model.safetensors", marks=pytest.mark.slow),  # the suite's time; DDP's precompute stays
     ("dpo", ("lora.enabled=true",), ("loss", "grad_norm", "rewards/margins"), "policy-merged/model.safetensors"),
     ("sft", (), ("loss", "grad_norm", "eval/loss"), "policy/model.safetensors"),
     ("reward", (), ("loss", "grad_norm", "accuracy", "eval/accuracy"), "reward_model/model.safetensors"),
@@ -326,12 +327,13 @@ def test_zero3_with_precomputed_reference_log_probs_equals_one_process(tmp_path,
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
+@pytest.mark.slow  # the suite's time: runs with make test-slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_zero_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file, stage):
     """preftune's own checkpoints under ZeRO (each process its fp32 partitions and its share of AdamW's state, as
     safetensors; DeepSpeed's own are pickles): killed after step 3, resumed from step 2, equal to a straight run.
-    ZeRO-2 (its own restore path: partitions, then an all-gather of the weights) runs with -m slow, to keep the
-    suite's time; a resume under another stage is refused (tests/unit/test_sharding.py)."""
+    ZeRO-2 has its own restore path (partitions, then an all-gather of the weights). Both run with -m slow, to keep
+    the suite's time; a resume under another stage is refused (tests/unit/test_sharding.py)."""
     checkpoint = _straight_and_killed(tmp_path, pairs_file, stage)
     assert sorted(p.name for p in checkpoint.glob("optimizer.*")) == ["optimizer.rank-0-of-2.safetensors",
                                                                       "optimizer.rank-1-of-2.safetensors"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.benchmark.flops import count_parameters, flops_per_token, gpu_peak_tflops, mfu
+from preftune.benchmark.limit import format_limit, workload_limit
 from preftune.benchmark.systems import SYSTEMS
 from preftune.benchmark.workloads import WORKLOADS, Workload
 
@@ -142,6 +143,7 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
             "completion_tokens_per_step": job["completion_tokens_per_step"],
             "tokens_match_preftune": result.get("tokens_match", True),
             "phase_s": result.get("phase_s"),  # preftune's step-time breakdown (data/forward/backward/optimizer)
+            "limit": result.get("limit"), "runtime_rss_gb": result.get("runtime_rss_gb"),  # preftune: the limit
             "until_first_timed_step_s": result["until_first_timed_step_s"], "torch_threads": result["torch_threads"],
             "settings": result["settings"], "versions": result["versions"], "peak_tflops": job["peak_tflops"],
             "error": None}
@@ -193,7 +195,7 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
+def format_table(summary: list[dict], ratio_rows: list[dict], limits: dict | None = None) -> str:
     show_mfu = any(s.get("mfu") is not None for s in summary)
     lines = [f"{'workload':22} {'system':12} {'step_s':>8} {'pairs/s':>8} {'tokens/s':>9} {'peak_mem_GB':>11} "
              f"{'min_step_s':>10} {'cpu_s/step':>10}" + (f" {'MFU':>6}" if show_mfu else "")]
@@ -209,6 +211,9 @@ def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
             lines.append(f"{r['workload']:22} {r['baseline']:28} {_fmt(r['pairs_per_s'], '8.2f')} "
                          f"{_fmt(r['tokens_per_s'], '9.2f')} {_fmt(r['peak_mem_gb'], '9.2f')} "
                          f"{_fmt(r['step_s'], '8.2f')}")
+    for workload, limit in (limits or {}).items():
+        lines += ["", f"{workload}: preftune's step against this machine's limit (bench/README.md, 'The limit'):",
+                  "  " + format_limit(limit)]
     return "\n".join(lines)
 
 
@@ -277,7 +282,7 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
         doc["gate"] = run_gate()
         log(f"gate passed on tiny: max |Δ log-prob| policy {doc['gate']['max_abs_diff_policy_logps']:.2e}, "
             f"reference {doc['gate']['max_abs_diff_ref_logps']:.2e}, |Δ loss| {doc['gate']['abs_diff_loss']:.2e}")
-    rows = []
+    rows, limits = [], {}
     with tempfile.TemporaryDirectory(prefix="preftune-bench-") as tmp:
         root = Path(tmp)
         for name in workloads:
@@ -297,7 +302,13 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
                 f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "
                 f"{base['precision']}, {warm} warm-up + {timed} timed steps")
             _run_workload(w, systems, base, root, repeat, timeout_s, wait_busy, log, rows, on_row)
+            ours = [r for r in rows if r["workload"] == name and r["system"] == "preftune" and not r["error"]]
+            limit = ours and workload_limit(base, ours[0], aggregate(ours)[0]["step_s"],
+                                            max(r["peak_rss_gb"] for r in ours))
+            if limit:
+                limits[name] = limit
+                log(f"  limit: {format_limit(limit)}")
     summary = aggregate(rows)
-    doc.update(rows=rows, summary=summary, ratios=ratios(summary))
+    doc.update(rows=rows, summary=summary, ratios=ratios(summary), limits=limits)
     doc["meta"]["wall_s"] = time.time() - started
     return doc

@@ -85,10 +85,16 @@ def matched_overrides(job: dict) -> list[str]:
 
 
 def run_preftune(job: dict) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401 (the runtime, before any model loads)
+
+    import preftune.train.loop  # noqa: F401
+    from preftune.benchmark.limit import resident_gb, step_batches, step_limit
     from preftune.config import load_config
     from preftune.recipes import dpo
     from preftune.train.layout import resolve_layout
     from preftune.train.rundir import read_metrics
+
+    runtime_rss_gb = resident_gb()  # imports only: the runtime's fixed cost
 
     # no final checkpoint or policy after the timed steps: TRL saves nothing either
     extra = list(job.get("preftune_overrides") or [])  # --preftune KEY=VALUE: e.g. train.gradient_checkpointing=true
@@ -103,8 +109,17 @@ def run_preftune(job: dict) -> dict:
     timed = [r for r in rows if r.get("step", 0) > job["warmup_steps"] and "time/forward_s" in r]
     phases = {k.removeprefix("time/").removesuffix("_s"): sum(r[k] for r in timed) / len(timed)
               for k in timed[0] if k.startswith("time/")} if timed else None
-    return {"phase_s": phases, "settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
-                         "layout": resolve_layout(cfg, items), "compile": cfg.train.compile,
+    layout = resolve_layout(cfg, items)
+    limit = None
+    if job["device"] == "cpu":  # after the timed steps: the step's matrix products etc. alone on this machine
+        import torch
+
+        limit = step_limit(AutoConfig.from_pretrained(job["model_dir"]), step_batches(job), layout,
+                           reference=job.get("reference", "model") == "model", precision=job["precision"],
+                           optimizer=job["optimizer"], n_params=job["n_params"], threads=torch.get_num_threads())
+    return {"phase_s": phases, "limit": limit, "runtime_rss_gb": runtime_rss_gb,
+            "settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
+                         "layout": layout, "compile": cfg.train.compile,
                          "gradient_checkpointing": cfg.train.gradient_checkpointing}}
 
 

@@ -6,4 +6,4 @@ A recipe module imports cheaply (torch and transformers load inside ``run``), so
 config error come at once.
 """
 
-RECIPES = ("dpo", "sft", "reward", "ppo", "eval", "sample", "score", "judge", "winrate", "demo", "frontier", "bench", "inspect")
+RECIPES = ("dpo", "sft", "reward", "ppo", "eval", "sample", "score", "judge", "winrate", "demo", "frontier", "bench", "inspect", "export")

@@ -117,7 +117,7 @@ def cmd_bench(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
-    print(format_table(doc["summary"], doc["ratios"]))
+    print(format_table(doc["summary"], doc["ratios"], doc.get("limits")))
     if out:
         write_rows(doc["rows"])
         summary = summary_path(out)
