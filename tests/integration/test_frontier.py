@@ -94,3 +94,19 @@ def _stopped_and_resumed_gives_the_same_points(tmp_path, args, expected):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr and "dpo-beta0.1 from its last checkpoint" in resumed.stderr
     assert json.loads((out / "frontier.json").read_text())["points"] == expected
+
+
+def test_a_ppo_arms_points_come_from_its_logged_evaluations(tmp_path):
+    """A PPO arm resumes from its last checkpoint (taken at each evaluation) and reads its points back from the
+    eval rows it logged; an evaluation logged twice (stopped after it, before its checkpoint) counts once."""
+    from preftune.recipes.frontier import _ppo_points
+
+    def row(step, reward):
+        return {"step": step, "eval/oracle_reward": reward, "eval/oracle_reward_ci95": 0.1,
+                "eval/kl_heldout": step / 10, "eval/kl_heldout_ci95": 0.2}
+
+    rows = [row(0, 0.5), {"step": 1, "reward": 0.3}, row(2, 0.55), row(4, 0.6), row(4, 0.6), row(6, 0.7)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert _ppo_points("PPO", "kl_coef=0.05", tmp_path) == [
+        {"method": "PPO", "setting": "kl_coef=0.05", "step": s, "kl": s / 10, "kl_ci": 0.2, "reward": r,
+         "reward_ci": 0.1} for s, r in ((0, 0.5), (2, 0.55), (4, 0.6), (6, 0.7))]

@@ -104,6 +104,17 @@ def _point(method: str, setting: str, step: int, ev: dict) -> dict:
             "reward": ev["reward"], "reward_ci": ev["reward_ci95"]}
 
 
+def _ppo_points(method: str, setting: str, run_dir: Path) -> list[dict]:
+    """A PPO arm's points, from the evaluations its hook logged (``eval/*`` rows of RUN/metrics.jsonl, which a
+    resumed run continues), so that an arm stopped between evaluations resumes with the points it had."""
+    from preftune.train.rundir import read_metrics
+
+    rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/oracle_reward" in r}
+    return [_point(method, setting, step, {"reward": r["eval/oracle_reward"], "reward_ci95": r["eval/oracle_reward_ci95"],
+                                           "kl": r["eval/kl_heldout"], "kl_ci95": r["eval/kl_heldout_ci95"]})
+            for step, r in sorted(rows.items())]
+
+
 def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base) -> object:
     """A run's config (``base``: the command's own, e.g. ``SFTRunConfig()``): the frontier's model, and its data and
     train sections where the command reads them, plus ``overrides``."""
@@ -220,26 +231,26 @@ class _Frontier:
                      f"ppo.max_new_tokens={f.max_new_tokens}", f"ppo.batch_size={f.ppo_batch_size}",
                      f"ppo.ppo_epochs={f.ppo_epochs}", f"ppo.lr={f.ppo_lr}",
                      f"ppo.minibatch_size={f.ppo_minibatch_size or max(1, f.ppo_batch_size // 2)}",
-                     f"ppo.eval_every={self.every(iterations)}"]
+                     f"ppo.eval_every={self.every(iterations)}", f"ppo.save_every={self.every(iterations)}",
+                     "train.keep_checkpoints=1"]  # a checkpoint at each evaluation: a stopped arm resumes
 
-        def train():
-            found: list[dict] = []
-
+        def train(resume: bool):
             def hook(policy, step):
                 ev = evaluate_policy(policy, self.held)
-                found.append(_point(method, setting, step, ev))
                 log.info("%s %s iteration %d: reward %.3f kl %.2f", method, setting, step, ev["reward"], ev["kl"])
-                return {"oracle_reward": ev["reward"], "kl_heldout": ev["kl"]}
+                return {"oracle_reward": ev["reward"], "oracle_reward_ci95": ev["reward_ci95"],
+                        "kl_heldout": ev["kl"], "kl_heldout_ci95": ev["kl_ci95"]}
 
-            run_ppo(_sub_config(cfg, run_dir, overrides, PPORunConfig()), eval_hook=hook, prompts=prompts)
-            return found
+            run_ppo(_sub_config(cfg, run_dir, overrides, PPORunConfig()), eval_hook=hook, prompts=prompts,
+                    resume=resume)
+            return _ppo_points(method, setting, run_dir)
 
         # PPO reads only the seed and thread count of the train section (its own settings are frontier.ppo_*)
         key = {**{k: v for k, v in self.common.items() if k != "train"}, "seed": cfg.train.seed,
                "num_threads": cfg.train.num_threads, "iterations": iterations,
                **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr")},
                "kl_coef": coef, "scorer": scorer_key}
-        return reused_or_run(run_dir, key, train)
+        return reused_or_run(run_dir, key, train, resumable=True)
 
 
 def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
