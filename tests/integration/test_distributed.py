@@ -108,7 +108,7 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, s
     a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
     assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
-    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
+    wa, wb = (load_file(str(tmp_path / name / policy / "model.safetensors")) for name in ("straight", "killed"))
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
@@ -255,12 +255,12 @@ def test_fsdp2_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_fi
     _assert_resumed_equals_straight(tmp_path)
 
 
-def _straight_and_killed(tmp_path, pairs_file, sharding: str) -> Path:
+def _straight_and_killed(tmp_path, pairs_file, sharding: str, extra: tuple[str, ...] = ()) -> Path:
     """A straight 5-step sharded run (AdamW, accumulation) and one killed after step 3; the killed run's latest
     checkpoint (step 2)."""
     args = SHARDED[:-3] + ["train.optimizer=adamw", "train.lr=1e-2", "train.max_steps=5", "train.log_every=1",
                            "train.save_every=2", f"train.sharding={sharding}", f"data.train={pairs_file}",
-                           "train.batch_size=1", "train.grad_accum_steps=2"]
+                           "train.batch_size=1", "train.grad_accum_steps=2", *extra]
     straight = _run(args + [f"run.dir={tmp_path / 'straight'}"], 2)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = _run(args + [f"run.dir={tmp_path / 'killed'}"], 2, {"PREFTUNE_FAULT": "after_step:3"})
@@ -268,14 +268,14 @@ def _straight_and_killed(tmp_path, pairs_file, sharding: str) -> Path:
     return tmp_path / "killed" / "checkpoints" / "step-000002"
 
 
-def _assert_resumed_equals_straight(tmp_path) -> None:
+def _assert_resumed_equals_straight(tmp_path, policy: str = "policy") -> None:
     resumed = _run(["--resume", str(tmp_path / "killed")], 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
     assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in b] == [r["loss"] for r in a] and [r["grad_norm"] for r in b] == [
         r["grad_norm"] for r in a]
-    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
+    wa, wb = (load_file(str(tmp_path / name / policy / "model.safetensors")) for name in ("straight", "killed"))
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
@@ -314,6 +314,17 @@ def test_zero_two_processes_equal_one_with_a_partitioned_reference(tmp_path, pai
 
 @needs_deepspeed
 @pytest.mark.slow  # the suite's time: runs with make test-slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_lora_equals_one_process(tmp_path, pairs_file, stage):
+    """A LoRA adapter under ZeRO (the frozen base partitioned too under ZeRO-3; DeepSpeed's optimizer over the
+    adapter alone) on 2 processes = 1 process under SGD: losses, gradient norms, the adapter and the merged policy."""
+    _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", "lora.enabled=true"], sharding=stage)
+    _assert_same_run(tmp_path, ("loss", "grad_norm", "rewards/margins"), "policy-merged/model.safetensors")
+    _assert_same_run(tmp_path, ("loss",), "policy/adapter_model.safetensors")
+
+
+@needs_deepspeed
+@pytest.mark.slow  # the suite's time: runs with make test-slow
 def test_zero3_with_precomputed_reference_log_probs_equals_one_process(tmp_path, pairs_file):
     """The precompute pass on a partitioned reference, each process computing half of the pairs, then ZeRO-3
     training on the cached log-probs. (SFT and the reward model go through the same loop and engine: their
@@ -328,16 +339,16 @@ def test_zero3_with_precomputed_reference_log_probs_equals_one_process(tmp_path,
 
 @needs_deepspeed
 @pytest.mark.slow  # the suite's time: runs with make test-slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file, stage):
+@pytest.mark.parametrize("stage, extra", [("zero2", ()), ("zero3", ()), ("zero3", ("lora.enabled=true",))])
+def test_zero_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, pairs_file, stage, extra):
     """preftune's own checkpoints under ZeRO (each process its fp32 partitions and its share of AdamW's state, as
     safetensors; DeepSpeed's own are pickles): killed after step 3, resumed from step 2, equal to a straight run.
     ZeRO-2 has its own restore path (partitions, then an all-gather of the weights). Both run with -m slow, to keep
     the suite's time; a resume under another stage is refused (tests/unit/test_sharding.py)."""
-    checkpoint = _straight_and_killed(tmp_path, pairs_file, stage)
+    checkpoint = _straight_and_killed(tmp_path, pairs_file, stage, extra)
     assert sorted(p.name for p in checkpoint.glob("optimizer.*")) == ["optimizer.rank-0-of-2.safetensors",
                                                                       "optimizer.rank-1-of-2.safetensors"]
-    _assert_resumed_equals_straight(tmp_path)
+    _assert_resumed_equals_straight(tmp_path, "policy-merged" if extra else "policy")
 
 
 @needs_deepspeed

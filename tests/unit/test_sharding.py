@@ -79,10 +79,11 @@ def test_a_deepspeed_launch_config_asks_for_zero(monkeypatch):
                 resolve_sharding("none")
 
 
-def test_lora_under_zero_is_refused():
-    with pytest.raises(ConfigError, match="train.sharding=zero3 does not support LoRA yet"):
-        check_sharding(SimpleNamespace(sharding="zero3"), load_config(None, ["lora.enabled=true"]))
-    check_sharding(SimpleNamespace(sharding="fsdp2"), load_config(None, ["lora.enabled=true"]))  # FSDP2 trains it
+def test_lora_trains_under_every_sharding_and_the_adapter_reference_is_refused():
+    for sharding in ("fsdp2", "zero2", "zero3"):  # LoRA's parity: tests/integration/test_distributed.py
+        check_sharding(SimpleNamespace(sharding=sharding), load_config(None, ["lora.enabled=true"]))
+        with pytest.raises(ConfigError, match=f"train.sharding={sharding} does not support reference.mode=adapter"):
+            check_sharding(SimpleNamespace(sharding=sharding), load_config(None, ["reference.mode=adapter"]))
 
 
 @pytest.mark.parametrize("override, refused", [

@@ -89,18 +89,16 @@ def _deepspeed_setting() -> str:
 
 
 def check_sharding(procs: "Processes", cfg) -> None:
-    """What FSDP2 does not cover yet, refused before anything loads (never silently replicated or skipped)."""
+    """What sharding does not cover yet, refused before anything loads (never silently replicated or skipped)."""
     from preftune.errors import ConfigError
 
     if procs.sharding == "none":
         return
     t = cfg.train
     reference = getattr(cfg, "reference", None)
-    lora = getattr(cfg, "lora", None)
     refused = {
         "reference.mode=adapter": reference is not None and reference.mode == "adapter",
         "train.compile=true": t.compile,
-        "LoRA": procs.sharding.startswith("zero") and lora is not None and lora.enabled,
     }
     for what, hit in refused.items():
         if hit:
