@@ -226,14 +226,20 @@ def test_fsdp2_two_processes_equal_one_with_a_sharded_reference(tmp_path, pairs_
 @pytest.mark.parametrize("command, extra, keys, weights", [
     pytest.param("dpo", ("reference.mode=precomputed",), ("loss", "grad_norm", "rewards/margins"),
                  "policy/model.safetensors", marks=pytest.mark.slow),  # the suite's time; DDP's precompute stays
-    ("dpo", ("lora.enabled=true",), ("loss", "grad_norm", "rewards/margins"), "policy-merged/model.safetensors"),
+    pytest.param("dpo", ("lora.enabled=true",), ("loss", "grad_norm", "rewards/margins"),
+                 "policy-merged/model.safetensors", marks=pytest.mark.slow),  # the adapter reference below trains LoRA
+    ("dpo", ("reference.mode=adapter", "data.eval_fraction=0.5"), ("loss", "grad_norm", "rewards/margins", "eval/loss",
+                                                                   "eval/rewards/margins"),
+     "policy-merged/model.safetensors"),
     ("sft", (), ("loss", "grad_norm", "eval/loss"), "policy/model.safetensors"),
     ("reward", (), ("loss", "grad_norm", "accuracy", "eval/accuracy"), "reward_model/model.safetensors"),
 ])
 def test_fsdp2_precomputed_sft_and_reward_equal_one_process(tmp_path, pairs_file, command, extra, keys, weights):
     """The same with reference log-probs precomputed (no reference held while training), with a LoRA adapter (the
-    frozen base and the adapter in the same units; the adapter and the merged model gathered), for SFT (normalised
-    by the global token count) and for the reward model (sharded in place; its reward_model/ gathered whole)."""
+    frozen base and the adapter in the same units; the adapter and the merged model gathered), with the reference
+    as that base with the adapter switched off (its forward through the sharded module, in training and held-out
+    evaluation), for SFT (normalised by the global token count) and for the reward model (sharded in place; its
+    reward_model/ gathered whole)."""
     held_out = [f"reference.cache_dir={tmp_path / 'cache'}"] if command == "dpo" else ["data.eval_fraction=0.5"]
     _, multi = _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", *held_out, *extra], command,
                              (f"reference.cache_dir={tmp_path / 'cache-two'}",) if command == "dpo" else ())
@@ -314,11 +320,14 @@ def test_zero_two_processes_equal_one_with_a_partitioned_reference(tmp_path, pai
 
 @needs_deepspeed
 @pytest.mark.slow  # the suite's time: runs with make test-slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_lora_equals_one_process(tmp_path, pairs_file, stage):
+@pytest.mark.parametrize("stage, extra", [("zero2", "lora.enabled=true"), ("zero3", "lora.enabled=true"),
+                                          ("zero2", "reference.mode=adapter"), ("zero3", "reference.mode=adapter")])
+def test_zero_lora_equals_one_process(tmp_path, pairs_file, stage, extra):
     """A LoRA adapter under ZeRO (the frozen base partitioned too under ZeRO-3; DeepSpeed's optimizer over the
-    adapter alone) on 2 processes = 1 process under SGD: losses, gradient norms, the adapter and the merged policy."""
-    _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", "lora.enabled=true"], sharding=stage)
+    adapter alone) on 2 processes = 1 process under SGD: losses, gradient norms, the adapter and the merged policy;
+    with a frozen reference, or the reference as the base with the adapter switched off (gathered through the
+    engine)."""
+    _sharded_pair(tmp_path, SHARDED + [f"data.train={pairs_file}", extra], sharding=stage)
     _assert_same_run(tmp_path, ("loss", "grad_norm", "rewards/margins"), "policy-merged/model.safetensors")
     _assert_same_run(tmp_path, ("loss",), "policy/adapter_model.safetensors")
 

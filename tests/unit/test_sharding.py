@@ -79,23 +79,14 @@ def test_a_deepspeed_launch_config_asks_for_zero(monkeypatch):
                 resolve_sharding("none")
 
 
-def test_lora_trains_under_every_sharding_and_the_adapter_reference_is_refused():
-    for sharding in ("fsdp2", "zero2", "zero3"):  # LoRA's parity: tests/integration/test_distributed.py
-        check_sharding(SimpleNamespace(sharding=sharding), load_config(None, ["lora.enabled=true"]))
-        with pytest.raises(ConfigError, match=f"train.sharding={sharding} does not support reference.mode=adapter"):
-            check_sharding(SimpleNamespace(sharding=sharding), load_config(None, ["reference.mode=adapter"]))
-
-
-@pytest.mark.parametrize("override, refused", [
-    ("reference.mode=adapter", "reference.mode=adapter"),
-    ("train.compile=true", "train.compile"),
-])
-def test_what_fsdp2_does_not_cover_yet_is_refused(override, refused):
-    sharded = SimpleNamespace(sharding="fsdp2")
-    with pytest.raises(ConfigError, match=f"does not support {refused}"):
-        check_sharding(sharded, load_config(None, [override]))
-    check_sharding(SimpleNamespace(sharding="none"), load_config(None, [override]))  # DDP: all fine
-    check_sharding(sharded, load_config(None, ["train.save_every=5"]))  # sharded checkpoints
+def test_lora_and_the_adapter_reference_train_under_every_sharding_and_compile_is_refused():
+    for sharding in ("fsdp2", "zero2", "zero3"):  # their parity: tests/integration/test_distributed.py
+        for extra in ("lora.enabled=true", "reference.mode=adapter"):
+            check_sharding(SimpleNamespace(sharding=sharding), load_config(None, [extra]))
+        with pytest.raises(ConfigError, match=f"train.sharding={sharding} does not support train.compile=true"):
+            check_sharding(SimpleNamespace(sharding=sharding), load_config(None, ["train.compile=true"]))
+        check_sharding(SimpleNamespace(sharding=sharding), load_config(None, ["train.save_every=5"]))  # sharded
+    check_sharding(SimpleNamespace(sharding="none"), load_config(None, ["train.compile=true"]))  # DDP: all fine
 
 
 def test_the_shipped_accelerate_configs_are_accelerate_configs():

@@ -85,15 +85,21 @@ def store_linear_weights_bf16(model: torch.nn.Module) -> int:
 
 
 class AdapterReference:
-    """The policy's base weights with its LoRA adapter switched off."""
+    """The policy's base weights with its LoRA adapter switched off. Under FSDP2 or ZeRO the forward goes through
+    the sharded module the training step calls (``through``), which gathers the weights each process holds a
+    part of; the adapter is switched off on the model inside it."""
 
     def __init__(self, peft_model: torch.nn.Module):
         self.model = peft_model
+        self.module: torch.nn.Module | None = None
+
+    def through(self, module: torch.nn.Module) -> None:
+        self.module = module
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         with self.model.disable_adapter():
-            return batch_logps(self.model, batch)
+            return batch_logps(self.model, batch) if self.module is None else module_logps(self.module, batch)
 
 
 class PrecomputedReference:

@@ -50,6 +50,8 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     sft_weight = cfg.dpo.sft_weight
     stepped = procs.wrap(LogpsModule(policy), cfg.train) if procs.world > 1 else policy
+    if procs.sharding != "none" and hasattr(reference, "through"):  # the adapter reference: gathered weights
+        reference.through(stepped)
     eval_fn = None
     if eval_items:
         eval_fn = functools.partial(evaluate_pairs, procs.evaluated(policy), reference, loss_fn, eval_items, pad_id,
