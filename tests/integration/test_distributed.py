@@ -108,7 +108,7 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, s
     a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "killed"))
     assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
-    wa, wb = (load_file(str(tmp_path / name / policy / "model.safetensors")) for name in ("straight", "killed"))
+    wa, wb = (load_file(str(tmp_path / name / "policy" / "model.safetensors")) for name in ("straight", "killed"))
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 

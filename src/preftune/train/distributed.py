@@ -94,12 +94,7 @@ def check_sharding(procs: "Processes", cfg) -> None:
 
     if procs.sharding == "none":
         return
-    t = cfg.train
-    reference = getattr(cfg, "reference", None)
-    refused = {
-        "reference.mode=adapter": False,
-        "train.compile=true": t.compile,
-    }
+    refused = {"train.compile=true": cfg.train.compile}
     for what, hit in refused.items():
         if hit:
             raise ConfigError(f"train.sharding={procs.sharding} does not support {what} yet; run without it, or with "
