@@ -94,11 +94,10 @@ def check_sharding(procs: "Processes", cfg) -> None:
 
     if procs.sharding == "none":
         return
-    refused = {"train.compile=true": cfg.train.compile}
-    for what, hit in refused.items():
-        if hit:
-            raise ConfigError(f"train.sharding={procs.sharding} does not support {what} yet; run without it, or with "
-                              "data parallelism (train.sharding=none)")
+    if procs.sharding == "zero3" and cfg.train.compile:
+        raise ConfigError("train.sharding=zero3 does not support train.compile=true: ZeRO-3 gathers each layer's "
+                          "parameters anew at every call, so the compiled code recompiles until torch gives up and "
+                          "runs it eagerly; compile under zero1, zero2 or fsdp2, or run zero3 without it")
 
 
 class Processes:
