@@ -3,6 +3,10 @@ responses) on SmolLM2-135M, bf16 autocast, a live frozen reference, RMSprop; pha
 the top operators of one step from torch.profiler.
 
     python bench/profile_step.py [--layout padded|prefix_shared|packed] [--threads 2] [--steps 4] [--ops 25]
+    python bench/profile_step.py --layout prefix_shared --memory --steps 2 --ops 0     # where the memory goes
+
+``--memory``: the process's resident memory (now, and its peak since the previous line: Linux's VmHWM, reset
+through /proc/self/clear_refs) after imports, each model, the optimizer, and each phase of the steps.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=20)
     ap.add_argument("--response", type=int, default=50)
     ap.add_argument("--ops", type=int, default=25, help="profiler rows to print (0: no profile)")
+    ap.add_argument("--memory", action="store_true", help="resident memory after each load and phase")
     ap.add_argument("--shapes", action="store_true", help="profiler rows per input shape")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--data", help="real pairs instead of synthetic ones: the first --pairs of this file "
@@ -58,10 +63,14 @@ def main() -> None:
         ids = lambda n: torch.randint(100, 40000, (n,), generator=gen).tolist()  # noqa: E731
         pairs = [TokenizedPair(ids(args.prompt), ids(args.response), ids(args.response - 7 * i), "bench")
                  for i in range(args.pairs)]
+    memory = _MemoryLog(args.memory)
+    memory("imports and data")
     collate = pair_collator(args.layout)
     batch = collate(pairs, pad_id=0, row_length=args.row_length) if args.row_length else collate(pairs, pad_id=0)
     policy = load_causal_lm("smollm2-135m", seed=0).train()
+    memory("policy (fp32)")
     reference = FrozenReference(load_reference("smollm2-135m", seed=0), args.precision)
+    memory("reference")
     loss_fn = get_loss("sigmoid", beta=0.1)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], TrainConfig(lr=1e-6))
     device = torch.device("cpu")
@@ -79,13 +88,17 @@ def main() -> None:
         with autocast_context(device, args.precision), backend():
             out = dpo_forward(policy, reference, loss_fn, batch, 0.0)
         t1 = time.perf_counter()
+        memory("forward (activations held)")
         with backend():
             out.losses.mean().backward()
         t2 = time.perf_counter()
+        del out
+        memory("backward (gradients held)")
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
+        memory("optimizer step, gradients freed")
         if record:
             for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[name].append(dt)
@@ -110,6 +123,24 @@ def main() -> None:
             step(False)
         print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total",
                                                                         row_limit=args.ops))
+
+
+class _MemoryLog:
+    """Prints resident memory now and its peak since the previous call (GiB); a no-op unless enabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            print(f"{'after':36s} {'resident':>9s} {'peak since previous':>20s}  (GiB)")
+
+    def __call__(self, what: str) -> None:
+        if not self.enabled:
+            return
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status", encoding="ascii") if ":" in line)
+        now, peak = (int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
+        print(f"{what:36s} {now:9.3f} {peak:20.3f}")
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current RSS
 
 
 if __name__ == "__main__":
