@@ -66,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         rundir = sys.modules.get("preftune.train.rundir")  # loaded only by commands that take one
         if rundir is not None:
             rundir.release_run_dirs()
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """A run on several processes ends its process group itself: left to the interpreter's exit, gloo's threads
+    were sometimes destroyed still joinable ("terminate called without an active exception", exit -6 after a
+    finished ZeRO-3 run)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _ToStderr(logging.Filter):
