@@ -231,3 +231,23 @@ def test_help_lists_every_ppo_key_with_its_default():
         default = f.default
         shown = str(default).lower() if isinstance(default, bool) else str(default)
         assert f"ppo.{f.name} ({shown})" in _PPO_KEYS, f.name
+
+
+def test_an_in_process_resume_reads_the_runs_own_prompts(tmp_path):
+    """The frontier resumes a PPO arm in-process with a fresh config and its prompts: the run continues on its own
+    RUN/prompts.jsonl (not ppo.prompts' default pool) and equals a straight run; other prompts are refused."""
+    from preftune.errors import ConfigError
+    from preftune.recipes.ppo import load_ppo_config, run as run_ppo
+
+    def config(name, iterations):
+        return load_ppo_config(None, [*FAST, "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.save_every=1",
+                                      f"ppo.iterations={iterations}", "train.progress=false",
+                                      f"run.dir={tmp_path / name}"])
+
+    run_ppo(config("straight", 3), scorer=CountGood(), prompts=PROMPTS)
+    run_ppo(config("resumed", 2), scorer=CountGood(), prompts=PROMPTS)
+    run_ppo(config("resumed", 3), scorer=CountGood(), prompts=PROMPTS, resume=True)
+    straight, resumed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "resumed"))
+    assert [r["reward"] for r in resumed] == [r["reward"] for r in straight] and len(straight) == 3
+    with pytest.raises(ConfigError, match="the prompts given differ from the run's own"):
+        run_ppo(config("resumed", 4), scorer=CountGood(), prompts=PROMPTS[:-1], resume=True)

@@ -41,7 +41,7 @@ def test_quick_demo_improves_oracle_reward(tmp_path):
 
 def test_the_embedded_model_exported_to_gguf_runs_in_llama_cpp(tmp_path, capsys):
     """SmolLM2 back to llama.cpp: the same tokens as the tokenizer preftune trains with, next-token log-probs
-    within f16's rounding of the HF model's, and the file a third of the fp32 weights' size."""
+    within f16's rounding of the HF model's."""
     from preftune.cli import main
     from preftune.models.gguf_export import llama_cpp_and_hf_logps
     from preftune.models.load import load_causal_lm, load_tokenizer

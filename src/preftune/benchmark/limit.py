@@ -66,25 +66,27 @@ def rows_of(batch: list[tuple[int, int, int]], layout: str) -> tuple[int, int]:
 
 
 def matmuls(shapes: Shapes, batch: list[tuple[int, int, int]], layout: str, *, reference: bool,
-            precision: str) -> list[tuple[int, int, int, str, int]]:
-    """The step's matrix products as (M, K, N, dtype, count): C[M, N] = A[M, K] @ B[K, N]."""
+            precision: str, part: bool = False) -> list[tuple]:
+    """The step's matrix products as (M, K, N, dtype, count): C[M, N] = A[M, K] @ B[K, N]; with ``part``, each
+    also names its part ("body" or "head") last."""
     rows, length = rows_of(batch, layout)
     tokens, head_tokens = rows * length, sum(c + r for _, c, r in batch)
     body = "bf16" if precision == "bf16" else "fp32"
-    out: dict[tuple[int, int, int, str], int] = {}
+    out: dict[tuple, int] = {}
 
-    def add(m, k, n, dtype, count):
-        out[(m, k, n, dtype)] = out.get((m, k, n, dtype), 0) + count
+    def add(m, k, n, dtype, count, where):
+        key = (m, k, n, dtype, where) if part else (m, k, n, dtype)
+        out[key] = out.get(key, 0) + count
 
     for k, n in shapes.projections():
-        add(tokens, k, n, body, shapes.layers * (2 if reference else 1))  # policy (+ reference) forward
-        add(tokens, n, k, body, shapes.layers)  # policy backward, dX = dY @ W
-        add(n, tokens, k, body, shapes.layers)  # policy backward, dW = dY^T @ X
+        add(tokens, k, n, body, shapes.layers * (2 if reference else 1), "body")  # policy (+ reference) forward
+        add(tokens, n, k, body, shapes.layers, "body")  # policy backward, dX = dY @ W
+        add(n, tokens, k, body, shapes.layers, "body")  # policy backward, dW = dY^T @ X
     h, v = shapes.hidden, shapes.vocab
-    add(head_tokens, h, v, "fp32", 2 if reference else 1)  # the head's forward, fp32 for log-probs
-    add(head_tokens, v, h, body, 1)
-    add(v, head_tokens, h, body, 1)
-    return [(*key, count) for key, count in out.items()]
+    add(head_tokens, h, v, "fp32", 2 if reference else 1, "head")  # the head's forward, fp32 for log-probs
+    add(head_tokens, v, h, body, 1, "head")
+    add(v, head_tokens, h, body, 1, "head")
+    return [(*key[:4], count, *key[4:]) for key, count in out.items()]
 
 
 def flops(products: list[tuple[int, int, int, str, int]]) -> dict[str, int]:
@@ -160,11 +162,11 @@ def step_limit(config, batches: list[list[tuple[int, int, int]]], layout: str, *
     parts = {"body_matmuls_s": 0.0, "head_matmuls_s": 0.0, "attention_s": 0.0}
     dtype = "bf16" if precision == "bf16" else "fp32"
     for batch in batches:
-        for m, k, n, kind, count in matmuls(shapes, batch, layout, reference=reference, precision=precision):
+        for m, k, n, kind, count, where in matmuls(shapes, batch, layout, reference=reference, precision=precision,
+                                                   part=True):
             if (m, k, n, kind) not in timed:
                 timed[(m, k, n, kind)] = time_matmul(m, k, n, kind)
-            head = shapes.vocab in (k, n) or (m == shapes.vocab)
-            parts["head_matmuls_s" if head else "body_matmuls_s"] += count * timed[(m, k, n, kind)] / len(batches)
+            parts[f"{where}_matmuls_s"] += count * timed[(m, k, n, kind)] / len(batches)
         rows, length = rows_of(batch, layout)
         layer = time_attention(rows, length, shapes, dtype, True) + (
             time_attention(rows, length, shapes, dtype, False) if reference else 0.0)
@@ -180,17 +182,21 @@ def step_limit(config, batches: list[list[tuple[int, int, int]]], layout: str, *
             "layout": layout, "threads": threads}
 
 
-def resident_gb() -> float:
-    """This process's resident memory now (not its high-water mark: imports allocate transients)."""
+def resident_gb() -> float | None:
+    """This process's resident memory now in GiB (not its high-water mark: imports allocate transients); None
+    where /proc is not there."""
     import os
 
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return None
 
 
 def memory_breakdown(model_dir: str, *, reference: str, precision: str, optimizer: str, peak_gb: float,
                      runtime_gb: float) -> dict:
-    """Where ``peak_gb`` goes (GB): policy weights, gradients, optimizer state, reference, runtime, the rest."""
+    """Where ``peak_gb`` goes (GiB, the unit of the bench's peak memory): policy weights, gradients, optimizer state, reference, runtime, the rest."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -220,7 +226,7 @@ def workload_limit(base: dict, row: dict, step_s: float, peak_gb: float) -> dict
     """The limit the preftune child measured (CPU workloads), against its measured step, and the breakdown of
     its peak memory; None where there is none."""
     limit = row.get("limit")
-    if row.get("error") or not limit:
+    if row.get("error") or not limit or row.get("runtime_rss_gb") is None:
         return None
     return {**limit, "step_s": step_s, "step_over_limit": step_s / limit["limit_s"],
             "memory_gb": memory_breakdown(base["model_dir"], reference=base["reference"],
@@ -234,4 +240,4 @@ def format_limit(limit: dict) -> str:
     memory = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in limit["memory_gb"].items())
     return (f"{limit['limit_s']:.3f} s/step ({parts}; matmuls at {limit['matmul_rate_tflop_s']:.2f} TFLOP/s, "
             f"{limit['bandwidth_gb_s']:.1f} GB/s); measured step {limit['step_s']:.3f} s = "
-            f"{limit['step_over_limit']:.2f}x the limit. Peak memory (GB): {memory}")
+            f"{limit['step_over_limit']:.2f}x the limit. Peak memory (GiB): {memory}")

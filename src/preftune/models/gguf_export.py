@@ -2,8 +2,9 @@
 with the tokenizer (vocabulary, merges, special tokens, the pre-tokenizer's name) and the chat template inside.
 
 The file is written with llama.cpp's own ``gguf`` package. What a converter must get right, and this one does:
-- llama.cpp's attention rotates pairs of halves within each head, HF's checkpoints interleave them, so the query
-  and key projections are permuted per head (per key-value head for the keys), as llama.cpp's converter does;
+- HF's Llama rotates the two halves of each head (``rotate_half``), llama.cpp's ``llama`` architecture rotates
+  interleaved pairs, so the query and key projections are permuted per head (per key-value head for the keys),
+  as llama.cpp's converter does;
 - a tied output embedding is written once (llama.cpp reads ``token_embd`` for the output when ``output`` is absent);
 - the pre-tokenizer is named from the tokenizer the model was trained with (its ``tokenizer.json``), so llama.cpp
   cuts text into the same tokens; one preftune cannot name is refused (``tokenizer_pre`` overrides).
@@ -150,18 +151,21 @@ def _write_hyperparameters(writer, config, shape: dict, name: str) -> None:
 def gguf_tensors(model: torch.nn.Module, shape: dict):
     """(GGUF name, fp32 tensor in llama.cpp's layout) for every weight; an output head tied to the embedding is
     left out. A weight the ``llama`` architecture has no place for is refused."""
-    state = model.state_dict()
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    if any(k.startswith("base_model.model.") for k in state):
+        raise ModelSpecError("GGUF export writes a whole model: merge the LoRA adapter first (merge_and_unload(), "
+                             "or export the run's policy-merged/ or adapter directory)")
     tied = "lm_head.weight" in state and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
     for key, value in state.items():
         if key == "lm_head.weight" and tied:
             continue
         if key in _TOP:
-            yield _TOP[key], value.detach().float()
+            yield _TOP[key], value
             continue
         parts = key.split(".")
         if len(parts) < 4 or parts[:2] != ["model", "layers"] or ".".join(parts[3:]) not in _LAYER:
             raise ModelSpecError(f"GGUF export has no llama.cpp tensor for {key!r}")
-        tensor = value.detach().float()
+        tensor = value
         if parts[3:] == ["self_attn", "q_proj", "weight"]:
             tensor = permute_heads(tensor, shape["heads"])
         elif parts[3:] == ["self_attn", "k_proj", "weight"]:
@@ -204,6 +208,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
     tmp = out.with_name(f".{out.name}.tmp")
     with writing(out, "GGUF file"):
         out.parent.mkdir(parents=True, exist_ok=True)
+        writer = None
         try:
             writer = gguf.GGUFWriter(str(tmp), "llama")
             _write_hyperparameters(writer, config, shape, name)
@@ -223,8 +228,11 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
+            writer = None
             os.replace(tmp, out)
         finally:
+            if writer is not None:
+                writer.close()
             tmp.unlink(missing_ok=True)
     return {"gguf": str(out), "type": kind, "bytes": out.stat().st_size, "tensors": counts,
             "tokenizer_pre": pre, "chat_template": bool(getattr(tokenizer, "chat_template", None))}

@@ -246,14 +246,20 @@ def _processes(cfg: PPORunConfig):
 
 def _prompts(cfg: PPORunConfig, procs, run_dir: Path, prompts: list[str] | None, resume: bool) -> list[str]:
     """The training prompts: ``prompts`` given in-process are written to RUN/prompts.jsonl (by process 0) and
-    become ``ppo.prompts``; then read as configured."""
-    from preftune.data.records import write_jsonl
+    become ``ppo.prompts``; then read as configured. Resumed in-process (the frontier's arms, with a fresh
+    config), the same prompts must be given again, and the run reads its own file."""
+    from preftune.data.records import read_jsonl, write_jsonl
+    from preftune.errors import ConfigError
 
     s = cfg.ppo
-    if prompts is not None and not resume:
-        s.prompts, s.num_prompts = str(run_dir / "prompts.jsonl"), len(prompts)
+    if prompts is not None:
+        saved = run_dir / "prompts.jsonl"
+        if resume and [r["prompt"] for r in read_jsonl(saved)] != list(prompts):
+            raise ConfigError(f"--resume {run_dir}: the prompts given differ from the run's own ({saved})")
+        s.prompts, s.num_prompts = str(saved), len(prompts)
         if procs.is_main:
-            write_jsonl(run_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
+            if not resume:
+                write_jsonl(saved, [{"prompt": p} for p in prompts])
             save_config(cfg, run_dir / "config.yaml", command="ppo")
         procs.barrier()
     return load_prompts(s, cfg.train.seed)
