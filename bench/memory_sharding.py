@@ -2,7 +2,7 @@
 model, precomputed, and with LoRA, and against DeepSpeed ZeRO-2 and ZeRO-3; a randomly initialised model of SmolLM2-360M's shape (362M parameters, 0.4B
 class), fp32, AdamW, 2 DPO steps of one short pair per process. Also one process, for scale.
 
-    python bench/memory_sharding.py [--out bench/results/memory-sharding-DATE.json] [--layers 32]
+    python bench/memory_sharding.py [--out bench/results/memory-sharding-DATE.json] [--layers 32] [--only ZeRO-2,ZeRO-3]
 
 Each run logs its processes' peak RSS (everything the process ever held: both models, gradients, optimizer state,
 activations, the gloo buffers); the table prints them beside the bytes per parameter the layout predicts.
@@ -74,7 +74,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--only", help="comma-separated setups to run (default: all)")
     args = parser.parse_args()
+    setups = [s.strip() for s in args.only.split(",")] if args.only else list(SETUPS)
+    if any(s not in SETUPS for s in setups):
+        parser.error(f"--only: setups are {', '.join(SETUPS)}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, n_params = build_model(root, args.layers)
@@ -88,7 +92,7 @@ def main() -> int:
         runtime_gb = float(baseline.stdout.strip())
         print(f"{'the runtime alone (imports)':32} peak RSS {runtime_gb:.2f} GiB", flush=True)
         rows = []
-        for setup in SETUPS:
+        for setup in setups:
             start = time.perf_counter()
             peaks = run(setup, model, data, root)
             rows.append({"setup": setup, "processes": SETUPS[setup][0], "peak_rss_gb_per_process": peaks,

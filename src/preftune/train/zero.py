@@ -37,13 +37,30 @@ log = logging.getLogger(__name__)
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
-def engine_config(train, stage: int) -> dict[str, Any]:
-    """The DeepSpeed config a run's ``train`` section asks for (nothing else of DeepSpeed's is switched on)."""
+def buckets(module: nn.Module, stage: int) -> dict[str, Any]:
+    """Communication buckets sized to the model, as Hugging Face's "auto" values do (hidden size squared;
+    stage 3: prefetch 0.9 x that, parameters under 10 x hidden kept whole). DeepSpeed's own defaults (500M
+    elements a bucket, 1e9 live parameters) exceed a small model: measured on 2 CPU processes with 362M
+    parameters, ZeRO-3 then peaked above one unsharded process (10.6 GiB against 7.8)."""
+    config = getattr(getattr(module, "model", module), "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not hidden:
+        return {}
+    size = hidden * hidden
+    if stage < 3:
+        return {"reduce_bucket_size": size, "allgather_bucket_size": size}
+    return {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": int(0.9 * size),
+            "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 10 * size}
+
+
+def engine_config(train, stage: int, module: nn.Module | None = None) -> dict[str, Any]:
+    """The DeepSpeed config a run's ``train`` section asks for (nothing else of DeepSpeed's is switched on), with
+    buckets sized to ``module``."""
     return {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "gradient_clipping": float(train.max_grad_norm),
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(buckets(module, stage) if module is not None else {})},
         "zero_allow_untested_optimizer": True,  # preftune's own RMSprop / AdamW / SGD
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,
@@ -56,7 +73,8 @@ def initialize(module: nn.Module, optimizer: torch.optim.Optimizer, train, stage
     import deepspeed
 
     _register_head(module, stage)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=engine_config(train, stage))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           config=engine_config(train, stage, module))
     return engine
 
 
@@ -67,7 +85,7 @@ def frozen(module: nn.Module):
 
     _register_head(module, 3)
     config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 2**62,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": {"stage": 3, **buckets(module, 3), "stage3_param_persistence_threshold": 0}}
     engine = deepspeed.initialize(model=module, config=config)[0]
     engine.eval()
     return engine
