@@ -151,7 +151,7 @@ def _write_hyperparameters(writer, config, shape: dict, name: str) -> None:
 def gguf_tensors(model: torch.nn.Module, shape: dict):
     """(GGUF name, fp32 tensor in llama.cpp's layout) for every weight; an output head tied to the embedding is
     left out. A weight the ``llama`` architecture has no place for is refused."""
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    state = model.state_dict()  # each tensor goes to the CPU in fp32 only when its turn comes
     if any(k.startswith("base_model.model.") for k in state):
         raise ModelSpecError("GGUF export writes a whole model: merge the LoRA adapter first (merge_and_unload(), "
                              "or export the run's policy-merged/ or adapter directory)")
@@ -159,6 +159,7 @@ def gguf_tensors(model: torch.nn.Module, shape: dict):
     for key, value in state.items():
         if key == "lm_head.weight" and tied:
             continue
+        value = value.detach().to("cpu", torch.float32)
         if key in _TOP:
             yield _TOP[key], value
             continue
@@ -173,18 +174,42 @@ def gguf_tensors(model: torch.nn.Module, shape: dict):
         yield f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:])]}", tensor
 
 
-def _encode(tensor: torch.Tensor, kind: str):
-    """(array, GGML type) for one tensor: norms (1-D) stay f32; q8_0 needs rows that are whole 32-blocks, and a
-    matrix whose rows are not is written in f16, as llama.cpp's converter does."""
+def _ggml_type(shape: tuple[int, ...], kind: str):
+    """A tensor's GGML type: norms (1-D) stay f32; q8_0 needs rows that are whole 32-blocks, and a matrix whose
+    rows are not is written in f16, as llama.cpp's converter does."""
+    from gguf import GGMLQuantizationType as Q
+
+    if kind == "f32" or len(shape) == 1:
+        return Q.F32
+    if kind == "q8_0" and shape[-1] % 32 == 0:
+        return Q.Q8_0
+    return Q.F16
+
+
+def _declare(writer, name: str, shape: tuple[int, ...], ggml_type) -> None:
+    """The tensor's entry in the header, from its shape alone (the data is encoded and written later, one tensor at
+    a time, so an export holds one encoded tensor in memory, not the whole model again)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if ggml_type == Q.Q8_0:
+        stored = quants.quant_shape_to_byte_shape(shape, ggml_type)
+        writer.add_tensor_info(name, stored, np.dtype(np.uint8), int(np.prod(stored)), raw_dtype=ggml_type)
+    else:
+        dtype = np.dtype(np.float32 if ggml_type == Q.F32 else np.float16)
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=ggml_type)
+
+
+def _encode(tensor: torch.Tensor, ggml_type) -> np.ndarray:
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
     array = tensor.contiguous().numpy()
-    if kind == "f32" or array.ndim == 1:
-        return array.astype(np.float32), Q.F32
-    if kind == "q8_0" and array.shape[-1] % 32 == 0:
-        return quants.quantize(array.astype(np.float32), Q.Q8_0), Q.Q8_0
-    return array.astype(np.float16), Q.F16
+    if ggml_type == Q.F32:
+        return array.astype(np.float32, copy=False)
+    if ggml_type == Q.Q8_0:
+        return quants.quantize(array.astype(np.float32, copy=False), ggml_type)
+    return array.astype(np.float16)
 
 
 def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f16", name: str = "model",
@@ -220,13 +245,16 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
             writer.add_token_types(types)
             writer.add_token_merges(merges)
             _special_tokens(writer, tokenizer)
+            types = {}
             for tensor_name, tensor in gguf_tensors(model, shape):
-                array, ggml_type = _encode(tensor, kind)
-                writer.add_tensor(tensor_name, array, raw_dtype=ggml_type)
-                counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
+                types[tensor_name] = _ggml_type(tuple(tensor.shape), kind)
+                _declare(writer, tensor_name, tuple(tensor.shape), types[tensor_name])
+                counts[types[tensor_name].name] = counts.get(types[tensor_name].name, 0) + 1
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            for tensor_name, tensor in gguf_tensors(model, shape):  # the same order, encoded one at a time
+                writer.write_tensor_data(_encode(tensor, types[tensor_name]))
             writer.close()
             writer = None
             os.replace(tmp, out)
