@@ -111,7 +111,8 @@ def run_preftune(job: dict) -> dict:
               for k in timed[0] if k.startswith("time/")} if timed else None
     layout = resolve_layout(cfg, items)
     limit = None
-    if job["device"] == "cpu":  # after the timed steps: the step's matrix products etc. alone on this machine
+    if job["device"] == "cpu" and job.get("rep", 0) == 0:  # after the timed steps, once per workload: the step's
+        # matrix products etc. alone on this machine (the runner reads the first repetition's)
         import torch
 
         try:  # the step's measurements stand without it
