@@ -4,6 +4,7 @@ the top operators of one step from torch.profiler.
 
     python bench/profile_step.py [--layout padded|prefix_shared|packed] [--threads 2] [--steps 4] [--ops 25]
     python bench/profile_step.py --layout prefix_shared --memory --steps 2 --ops 0     # where the memory goes
+    python bench/profile_step.py --layout prefix_shared --weight-cast cached --ops 0   # the weight-cast experiment
 
 ``--memory``: the process's resident memory (now, and its peak since the previous line: Linux's VmHWM, reset
 through /proc/self/clear_refs) after imports, each model, the optimizer, and each phase of the steps.
@@ -34,6 +35,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--row-length", type=int, help="packed layout: tokens per row (default: the longest triple)")
+    ap.add_argument("--weight-cast", default="autocast", choices=("autocast", "cached"),
+                    help="cached: each policy linear's bf16 weight is cast once per weight update and reused, its "
+                         "gradient cast back to fp32 (bit-identical to autocast; the issue's first direction)")
     ap.add_argument("--sdpa", default="default", choices=("default", "math", "flash"),
                     help="restrict torch's scaled-dot-product attention to one backend")
     args = ap.parse_args()
@@ -68,6 +72,8 @@ def main() -> None:
     collate = pair_collator(args.layout)
     batch = collate(pairs, pad_id=0, row_length=args.row_length) if args.row_length else collate(pairs, pad_id=0)
     policy = load_causal_lm("smollm2-135m", seed=0).train()
+    if args.weight_cast == "cached":
+        _cache_weight_casts(policy)
     memory("policy (fp32)")
     reference = FrozenReference(load_reference("smollm2-135m", seed=0), args.precision)
     memory("reference")
@@ -123,6 +129,41 @@ def main() -> None:
             step(False)
         print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total",
                                                                         row_limit=args.ops))
+
+
+class _CachedCast(torch.autograd.Function):
+    """The weight's bf16 copy, made earlier; the backward casts its gradient to fp32, as autocast's cast does."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        return cached
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(torch.float32), None
+
+
+def _cache_weight_casts(model: torch.nn.Module) -> None:
+    """Every linear but the LM head runs on a bf16 copy of its weight that is remade only when the weight changed
+    (its version counter moved: the optimizer's in-place update), instead of autocast's cast on every forward."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not (torch.is_autocast_enabled("cpu") and w.dtype == torch.float32):
+            return F.linear(x, w, self.bias)
+        if getattr(self, "_bf16", None) is None or self._bf16[0] != (w.data_ptr(), w._version):
+            self._bf16 = ((w.data_ptr(), w._version), w.detach().to(torch.bfloat16))
+        cached = self._bf16[1]
+        return F.linear(x, _CachedCast.apply(w, cached) if w.requires_grad and torch.is_grad_enabled() else cached,
+                        self.bias)
+
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.forward = types.MethodType(forward, module)
 
 
 class _MemoryLog:

@@ -32,11 +32,15 @@ def mfu(tokens_per_s: float | None, flops_token: int, peak_tflops: float | None)
     return tokens_per_s * flops_token / (peak_tflops * 1e12)
 
 
-def count_parameters(model_dir: str) -> int:
-    """N of the 8N accounting: every parameter, a tied embedding once (built on the meta device: no memory)."""
+def meta_model(model_dir: str):
+    """The model's modules built on the meta device: shapes without memory."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def count_parameters(model_dir: str) -> int:
+    """N of the 8N accounting: every parameter, a tied embedding once (built on the meta device: no memory)."""
+    return sum(p.numel() for p in meta_model(model_dir).parameters())

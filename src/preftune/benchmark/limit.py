@@ -198,10 +198,10 @@ def memory_breakdown(model_dir: str, *, reference: str, precision: str, optimize
                      runtime_gb: float) -> dict:
     """Where ``peak_gb`` goes (GiB, the unit of the bench's peak memory): policy weights, gradients, optimizer state, reference, runtime, the rest."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    from preftune.benchmark.flops import meta_model
+
+    model = meta_model(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}.")
