@@ -159,7 +159,9 @@ def _best_of_n(held, rm, ns: list[int]) -> list[dict]:
     from preftune.eval.heldout import full_text, mean_ci
 
     n_max = max(ns)
+    log.info("best-of-N: %d reference samples for each of %d held-out prompts", n_max, len(held.prompts))
     samples = held.sample_n(held.reference, n_max)
+    log.info("best-of-N: scoring %d samples with the learned reward model, then the oracle", len(samples))
     rm_scores = rm([full_text(s) for s in samples])
     oracle_scores = held.oracle([full_text(s) for s in samples])
     points = []
