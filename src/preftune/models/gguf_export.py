@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -148,9 +149,10 @@ def _write_hyperparameters(writer, config, shape: dict, name: str) -> None:
         writer.add_value_length(shape["head_dim"])
 
 
-def gguf_tensors(model: torch.nn.Module, shape: dict):
+def gguf_tensors(model: torch.nn.Module, shape: dict, *, meta: bool = False):
     """(GGUF name, fp32 tensor in llama.cpp's layout) for every weight; an output head tied to the embedding is
-    left out. A weight the ``llama`` architecture has no place for is refused."""
+    left out. A weight the ``llama`` architecture has no place for is refused. ``meta``: the tensors on the meta
+    device (their shapes, nothing copied off the model's device)."""
     state = model.state_dict()  # each tensor goes to the CPU in fp32 only when its turn comes
     if any(k.startswith("base_model.model.") for k in state):
         raise ModelSpecError("GGUF export writes a whole model: merge the LoRA adapter first (merge_and_unload(), "
@@ -159,7 +161,7 @@ def gguf_tensors(model: torch.nn.Module, shape: dict):
     for key, value in state.items():
         if key == "lm_head.weight" and tied:
             continue
-        value = value.detach().to("cpu", torch.float32)
+        value = value.detach().to("meta" if meta else "cpu", torch.float32)
         if key in _TOP:
             yield _TOP[key], value
             continue
@@ -229,7 +231,6 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
     pre = tokenizer_pre or tokenizer_pre_name(spec)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
-    counts: dict[str, int] = {}
     tmp = out.with_name(f".{out.name}.tmp")
     with writing(out, "GGUF file"):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,16 +246,15 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
             writer.add_token_types(types)
             writer.add_token_merges(merges)
             _special_tokens(writer, tokenizer)
-            types = {}
-            for tensor_name, tensor in gguf_tensors(model, shape):
-                types[tensor_name] = _ggml_type(tuple(tensor.shape), kind)
-                _declare(writer, tensor_name, tuple(tensor.shape), types[tensor_name])
-                counts[types[tensor_name].name] = counts.get(types[tensor_name].name, 0) + 1
+            ggml_types = {}
+            for tensor_name, tensor in gguf_tensors(model, shape, meta=True):
+                ggml_types[tensor_name] = _ggml_type(tuple(tensor.shape), kind)
+                _declare(writer, tensor_name, tuple(tensor.shape), ggml_types[tensor_name])
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for tensor_name, tensor in gguf_tensors(model, shape):  # the same order, encoded one at a time
-                writer.write_tensor_data(_encode(tensor, types[tensor_name]))
+                writer.write_tensor_data(_encode(tensor, ggml_types[tensor_name]))
             writer.close()
             writer = None
             os.replace(tmp, out)
@@ -262,7 +262,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
             if writer is not None:
                 writer.close()
             tmp.unlink(missing_ok=True)
-    return {"gguf": str(out), "type": kind, "bytes": out.stat().st_size, "tensors": counts,
+    return {"gguf": str(out), "type": kind, "bytes": out.stat().st_size, "tensors": dict(Counter(t.name for t in ggml_types.values())),
             "tokenizer_pre": pre, "chat_template": bool(getattr(tokenizer, "chat_template", None))}
 
 
