@@ -5,6 +5,7 @@ the top operators of one step from torch.profiler.
     python bench/profile_step.py [--layout padded|prefix_shared|packed] [--threads 2] [--steps 4] [--ops 25]
     python bench/profile_step.py --layout prefix_shared --memory --steps 2 --ops 0     # where the memory goes
     python bench/profile_step.py --layout prefix_shared --weight-cast cached --ops 0   # the weight-cast experiment
+    python bench/profile_step.py --layout prefix_shared --memory --steps 3 --ops 0 --gradients free+trim
 
 ``--memory``: the process's resident memory (now, and its peak since the previous line: Linux's VmHWM, reset
 through /proc/self/clear_refs) after imports, each model, the optimizer, and each phase of the steps.
@@ -13,6 +14,7 @@ through /proc/self/clear_refs) after imports, each model, the optimizer, and eac
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 
 import torch
@@ -38,6 +40,9 @@ def main() -> None:
     ap.add_argument("--weight-cast", default="autocast", choices=("autocast", "cached"),
                     help="cached: each policy linear's bf16 weight is cast once per weight update and reused, its "
                          "gradient cast back to fp32 (bit-identical to autocast; the issue's first direction)")
+    ap.add_argument("--gradients", default="free", choices=("free", "free+trim", "keep"),
+                    help="after each step: free the gradients (preftune's loop); also hand the allocator's free "
+                         "pages back (malloc_trim); or keep them allocated (zero_grad(set_to_none=False))")
     ap.add_argument("--sdpa", default="default", choices=("default", "math", "flash"),
                     help="restrict torch's scaled-dot-product attention to one backend")
     args = ap.parse_args()
@@ -102,7 +107,9 @@ def main() -> None:
         memory("backward (gradients held)")
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=args.gradients != "keep")
+        if args.gradients == "free+trim":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         t3 = time.perf_counter()
         memory("optimizer step, gradients freed")
         if record:
