@@ -6,6 +6,7 @@ the top operators of one step from torch.profiler.
     python bench/profile_step.py --layout prefix_shared --memory --steps 2 --ops 0     # where the memory goes
     python bench/profile_step.py --layout prefix_shared --weight-cast cached --ops 0   # the weight-cast experiment
     python bench/profile_step.py --layout prefix_shared --memory --steps 3 --ops 0 --gradients free+trim
+    python bench/profile_step.py --layout prefix_shared --memory --steps 3 --ops 0 --gradients bf16
 
 ``--memory``: the process's resident memory (now, and its peak since the previous line: Linux's VmHWM, reset
 through /proc/self/clear_refs) after imports, each model, the optimizer, and each phase of the steps.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import sys
 import time
 
 import torch
@@ -40,9 +42,10 @@ def main() -> None:
     ap.add_argument("--weight-cast", default="autocast", choices=("autocast", "cached"),
                     help="cached: each policy linear's bf16 weight is cast once per weight update and reused, its "
                          "gradient cast back to fp32 (bit-identical to autocast; the issue's first direction)")
-    ap.add_argument("--gradients", default="free", choices=("free", "free+trim", "keep"),
+    ap.add_argument("--gradients", default="free", choices=("free", "free+trim", "keep", "bf16"),
                     help="after each step: free the gradients (preftune's loop); also hand the allocator's free "
-                         "pages back (malloc_trim); or keep them allocated (zero_grad(set_to_none=False))")
+                         "pages back (malloc_trim); or keep them allocated (zero_grad(set_to_none=False)); bf16: "
+                         "also hold every exactly-bf16 gradient in bf16 until clipping")
     ap.add_argument("--sdpa", default="default", choices=("default", "math", "flash"),
                     help="restrict torch's scaled-dot-product attention to one backend")
     args = ap.parse_args()
@@ -85,6 +88,7 @@ def main() -> None:
     loss_fn = get_loss("sigmoid", beta=0.1)
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], TrainConfig(lr=1e-6))
     device = torch.device("cpu")
+    held = _hold_gradients_in_bf16(policy) if args.gradients == "bf16" else {}
     phases: dict[str, list[float]] = {"forward (ref + policy + loss)": [], "backward": [], "optimizer": []}
 
     import contextlib
@@ -105,6 +109,9 @@ def main() -> None:
         t2 = time.perf_counter()
         del out
         memory("backward (gradients held)")
+        for param, grad in held.items():  # --gradients bf16: back in fp32 before clipping, exactly as they were
+            param.grad = grad.float()
+        held.clear()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=args.gradients != "keep")
@@ -171,6 +178,23 @@ def _cache_weight_casts(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             module.forward = types.MethodType(forward, module)
+
+
+def _hold_gradients_in_bf16(model: torch.nn.Module) -> dict:
+    """--gradients bf16: each gradient whose every value is a bf16 number (the low 16 bits of each fp32 word zero:
+    under bf16 autocast, every linear weight's) moves to a bf16 copy as it lands; the step casts them back before
+    clipping, so the update is bit-identical (bench/README.md, "The allocator": tried, not kept)."""
+    held: dict = {}
+
+    def landed(param: torch.Tensor) -> None:
+        low = param.grad.view(-1).view(torch.int16)[(0 if sys.byteorder == "little" else 1)::2]
+        if not low.any():
+            held[param] = param.grad.to(torch.bfloat16)
+            param.grad = None
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(landed)
+    return held
 
 
 class _MemoryLog:

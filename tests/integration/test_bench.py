@@ -148,3 +148,39 @@ def test_bench_writes_the_rows_after_every_child(tmp_path, monkeypatch):
     assert main(["bench", "--workloads", "tiny-cpu", "--skip-gate", "--precision", "fp32", "--out", str(out)]) == 130
     rows = json.loads(out.read_text())
     assert [(r["system"], r["error"]) for r in rows] == [("preftune", "first child failed on purpose")]
+
+
+def _installed(name: str) -> bool:
+    from preftune.benchmark.allocator import allocator_library
+
+    try:
+        return allocator_library(name) is not None
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not _installed("tcmalloc"), reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+def test_bench_preloads_the_asked_allocator_in_every_child(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--workloads", "tiny-cpu", "--systems", "preftune,trl-best", "--warmup-steps", "1",
+                 "--steps", "1", "--precision", "fp32", "--skip-gate", "--allocator", "tcmalloc",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["error"], r["allocator"]) for r in rows] == [(None, "tcmalloc")] * 2  # each child checked its own maps
+    assert json.loads((tmp_path / "bench.summary.json").read_text())["meta"]["settings"]["allocator"] == "tcmalloc"
+    assert "tcmalloc preloaded in every child" in capsys.readouterr().out
+
+
+def test_bench_allocator_errors_and_the_childs_own_check(monkeypatch, capsys):
+    from preftune.benchmark import allocator
+
+    assert allocator.loaded_allocator() == "system" and allocator.check_loaded("system") == "system"
+    with pytest.raises(RuntimeError, match="asked for the jemalloc allocator, but this process runs with system"):
+        allocator.check_loaded("jemalloc")  # a child whose preload did not take stops before its first step
+    assert allocator.preload_env("system", {"LD_PRELOAD": "x.so"}) == {"LD_PRELOAD": "x.so"}
+    if _installed("jemalloc"):
+        assert allocator.preload_env("jemalloc", {"LD_PRELOAD": "x.so"})["LD_PRELOAD"].endswith(" x.so")
+    # not installed: a clear error before any child runs (exit 2), with how to install it
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
+    assert main(["bench", "--workloads", "tiny-cpu", "--skip-gate", "--allocator", "jemalloc"]) == 2
+    assert "no libjemalloc on this machine (Debian/Ubuntu: apt install libjemalloc2" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_dpo_then_eval_then_sample_then_score(tmp_path, pairs_file, capsys):
         assert sum(row[k] for k in phases) <= 2 / row["pairs_per_s"] * 1.001  # 2 pairs per step, log_every 1
     assert "eval/rewards/accuracies" in eval_rows[0]
     env = json.loads((run_dir / "env.json").read_text())
-    assert env["seed"] == 0 and "torch" in env
+    assert env["seed"] == 0 and "torch" in env and env["allocator"] in ("system", "tcmalloc", "jemalloc")
 
     # eval: the trained policy against the tiny reference must reproduce the run's final eval metrics
     code, out, err = _run(capsys, ["eval", "model=" + str(run_dir / "policy"), "ref_model=tiny",

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preftune.benchmark.allocator import allocator_library, preload_env
 from preftune.benchmark.flops import count_parameters, flops_per_token, gpu_peak_tflops, mfu
 from preftune.benchmark.limit import format_limit, workload_limit
 from preftune.benchmark.systems import SYSTEMS
@@ -40,6 +41,7 @@ class Settings:
     # training by both (preftune reference.mode=precomputed, TRL precompute_ref_log_probs=True), outside the timing
     reference: str = "model"
     preftune_overrides: list[str] = field(default_factory=list)  # extra config for the preftune system only
+    allocator: str = "system"  # system (glibc's malloc, or whatever LD_PRELOAD already holds) | tcmalloc | jemalloc
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -78,6 +80,7 @@ def _child(job: dict, root: Path, timeout_s: float) -> dict:
            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
     if job["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # preftune picks CUDA whenever it sees one
+    env = preload_env(job.get("allocator", "system"), env)  # every system alike (benchmark/allocator.py)
     try:
         proc = subprocess.run([sys.executable, "-m", "preftune.benchmark.systems", str(job_path), str(result_path)],
                               capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
@@ -146,7 +149,7 @@ def make_row(workload: Workload, system: str, rep: int, job: dict, result: dict)
             "limit": result.get("limit"), "runtime_rss_gb": result.get("runtime_rss_gb"),  # preftune: the limit
             "until_first_timed_step_s": result["until_first_timed_step_s"], "torch_threads": result["torch_threads"],
             "settings": result["settings"], "versions": result["versions"], "peak_tflops": job["peak_tflops"],
-            "error": None}
+            "allocator": result.get("allocator"), "error": None}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -255,6 +258,8 @@ def _run_workload(w: Workload, systems: list[str], base: dict, root: Path, repea
                          f"{row['tokens_per_s']:.0f} tokens/s  peak {row['peak_mem_gb']:.2f} GB")
                 if row.get("phase_s"):
                     shown += "  [" + " ".join(f"{k} {v:.3f}" for k, v in row["phase_s"].items()) + "]"
+                if row.get("allocator") not in (None, "system"):
+                    shown += f"  ({row['allocator']})"
             log(f"  {system:12} {shown}  (child {time.perf_counter() - t0:.0f} s, load {load_before:.1f})")
 
 
@@ -267,6 +272,7 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
     if unknown:
         raise ValueError(f"unknown system or workload: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)}; "
                          f"workloads: {', '.join(WORKLOADS)})")
+    allocator_library(settings.allocator)  # ValueError (exit 2) before anything runs if it is not installed
     if (steps[0] is not None and steps[0] < 1) or (steps[1] is not None and steps[1] < 1) or repeat < 1:
         raise ValueError("--warmup-steps, --steps and --repeat must be >= 1 (a step is timed from the end of the "
                          "previous one)")
@@ -300,7 +306,8 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
                     "flops_per_token": flops_per_token(prepared["n_params"], settings.reference)}
             log(f"{name}: {w.model}, {w.n_pairs} pairs/step, prompt {prepared['prompt_tokens_mean']:.0f} + response "
                 f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "
-                f"{base['precision']}, {warm} warm-up + {timed} timed steps")
+                f"{base['precision']}, {warm} warm-up + {timed} timed steps"
+                + ("" if settings.allocator == "system" else f", {settings.allocator} preloaded in every child"))
             _run_workload(w, systems, base, root, repeat, timeout_s, wait_busy, log, rows, on_row)
             ours = [r for r in rows if r["workload"] == name and r["system"] == "preftune" and not r["error"]]
             limit = ours and workload_limit(base, ours[0], aggregate(ours)[0]["step_s"],

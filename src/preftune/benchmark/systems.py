@@ -172,6 +172,10 @@ def run_trl(job: dict, system: str) -> dict:
 def run_job(job: dict) -> dict:
     import torch
 
+    from preftune.benchmark.allocator import check_loaded
+
+    allocator = check_loaded(job.get("allocator", "system"))  # before any step: the run is what it says it is
+
     torch.manual_seed(job["seed"])
     cuda = job["device"] == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -201,7 +205,8 @@ def run_job(job: dict) -> dict:
         "peak_rss_gb": clock.rss_gb[-1], "peak_gpu_gb": clock.gpu_gb[-1] if cuda else None,
         "peak_gpu_gb_with_load": max(clock.gpu_gb) if cuda else None,
         "until_first_timed_step_s": clock.times[warm - 1] - start, "torch_threads": torch.get_num_threads(),
-        "tokens_per_step": out.pop("tokens_per_step", job["tokens_per_step"]), "versions": versions, **out,
+        "tokens_per_step": out.pop("tokens_per_step", job["tokens_per_step"]), "versions": versions,
+        "allocator": allocator, **out,
     }
 
 

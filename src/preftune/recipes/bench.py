@@ -47,6 +47,10 @@ def register(subparsers) -> None:
     p.add_argument("--preftune", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config for the preftune system only, repeatable (e.g. train.layout=packed, "
                         "train.gradient_checkpointing=true, train.compile=true); recorded in the JSON")
+    p.add_argument("--allocator", choices=("system", "tcmalloc", "jemalloc"), default="system",
+                   help="the memory allocator of every child, all systems alike: system (glibc's malloc, or what "
+                        "LD_PRELOAD already holds; default), or tcmalloc / jemalloc preloaded (must be installed, e.g. "
+                        "apt install libtcmalloc-minimal4); recorded in every row")
     p.add_argument("--wait-quiet", type=float, metavar="FRACTION",
                    help="shared machines: before each child, wait (up to 15 min) until other processes keep less "
                         "than FRACTION of the CPUs busy (e.g. 0.2)")
@@ -95,7 +99,7 @@ def cmd_bench(args) -> int:
         print(f"error: --preftune: {exc}", file=sys.stderr)
         return 2
     settings = Settings(optimizer=args.optimizer, precision=args.precision, reference=args.reference,
-                        preftune_overrides=args.preftune)
+                        preftune_overrides=args.preftune, allocator=args.allocator)
     out = Path(args.out) if args.out else None
 
     def write_rows(rows: list[dict]) -> None:  # after every child: a run stopped by a time limit keeps its rows

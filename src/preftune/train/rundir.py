@@ -143,6 +143,20 @@ def _git_sha() -> str | None:
         return None
 
 
+def loaded_allocator() -> str:
+    """This process's memory allocator, recorded in RUN/env.json and the benchmark's rows: ``tcmalloc`` or
+    ``jemalloc`` when one is mapped into it (preloaded), else ``system``."""
+    try:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "system"
+    libraries = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
+    for name in ("tcmalloc", "jemalloc"):
+        if any(lib.startswith("lib" + name) for lib in libraries):
+            return name
+    return "system"
+
+
 def write_env(path: Path, seed: int) -> None:
     import transformers
 
@@ -151,7 +165,7 @@ def write_env(path: Path, seed: int) -> None:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_sha": _git_sha(), "seed": seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "allocator": loaded_allocator(), "git_sha": _git_sha(), "seed": seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     from preftune.version import __version__
 
