@@ -75,3 +75,46 @@ def test_sgd_is_plain_gradient_descent():
     p.grad = torch.tensor([0.2, 4.0])
     opt.step()
     assert p.detach().tolist() == pytest.approx([1.0 - 0.1, -2.0 - 2.0])
+
+
+@pytest.mark.parametrize("max_norm, clips", [(0.0, False), (1e9, False), (0.5, True)])
+def test_clipped_step_is_clip_grad_norm_bit_for_bit_and_skips_the_no_op_pass(monkeypatch, max_norm, clips):
+    """train/loop.py: clipped_step updates exactly as torch's clip_grad_norm_ + step, but scales the gradients only
+    when the coefficient is below 1 (torch multiplies by 1.0 every step: a pass over every gradient)."""
+    import copy
+
+    from preftune.train.loop import clipped_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 16)
+    for m in (model, twin):
+        (m(x) * 3).square().sum().backward()
+    expected_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm if max_norm > 0 else float("inf"))
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+
+    calls = []
+    scale = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: (calls.append(1), scale(*a, **k)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    taken, norm = clipped_step(model.parameters(), optimizer, scheduler, max_norm)
+    assert taken and torch.equal(norm, expected_norm) and (expected_norm > 0.5)
+    assert len(calls) == (1 if clips else 0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_clipped_step_skips_a_non_finite_gradient():
+    from preftune.train.loop import clipped_step
+
+    layer = torch.nn.Linear(4, 4)
+    before = [p.detach().clone() for p in layer.parameters()]
+    layer(torch.full((2, 4), float("nan"))).sum().backward()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    taken, norm = clipped_step(layer.parameters(), optimizer, scheduler, 1.0)
+    assert not taken and not torch.isfinite(norm) and scheduler.last_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(layer.parameters(), before))

@@ -315,11 +315,19 @@ def clipped_step(params, optimizer, scheduler, max_grad_norm: float) -> tuple[bo
     """Clip the gradient to ``max_grad_norm`` (0: no clipping) and step the optimizer, unless the gradient's norm
     is not finite: then no update (the step is skipped). The schedule steps either way (a skipped step still counts,
     as it does for the data order); the gradients are zeroed. Returns (taken, the norm before clipping). The norm is
-    of the whole all-reduced or sharded gradient, the same on every process, so all processes skip together."""
-    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    of the whole all-reduced or sharded gradient, the same on every process, so all processes skip together.
+
+    ``clip_grad_norm_``'s arithmetic, with one pass less: torch multiplies every gradient by its clamped coefficient
+    on every step, a read and a write of all of them that is exactly a no-op when the coefficient is 1 (the norm
+    under the limit; 14 ms a step for SmolLM2's 0.5 GB of gradients on the 2-core EPYC). Here the same coefficient,
+    computed by the same tensor operations, scales them only when it is below 1."""
+    params = list(params)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # a DTensor when sharded
+    grad_norm = scalar(total)
     taken = bool(torch.isfinite(grad_norm))
     if taken:
+        if max_grad_norm > 0 and float(torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0)) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total)
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -165,7 +165,8 @@ def write_env(path: Path, seed: int) -> None:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "allocator": loaded_allocator(), "git_sha": _git_sha(), "seed": seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "allocator": loaded_allocator(), "git_sha": _git_sha(), "seed": seed,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     from preftune.version import __version__
 
