@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched in order against
 # torch.cuda.get_device_name(); the denominator of MFU. Anything else (CPUs included): --peak-tflops.
 GPU_PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -32,8 +34,10 @@ def mfu(tokens_per_s: float | None, flops_token: int, peak_tflops: float | None)
     return tokens_per_s * flops_token / (peak_tflops * 1e12)
 
 
+@functools.lru_cache(maxsize=4)
 def meta_model(model_dir: str):
-    """The model's modules built on the meta device: shapes without memory."""
+    """The model's modules built on the meta device: shapes without memory (built once per model directory; the
+    parameter count and the memory breakdown both read it, and neither changes it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
