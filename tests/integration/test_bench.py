@@ -173,13 +173,16 @@ def test_bench_preloads_the_asked_allocator_in_every_child(tmp_path, capsys):
 
 def test_bench_allocator_errors_and_the_childs_own_check(monkeypatch, capsys):
     from preftune.benchmark import allocator
+    from preftune.train.rundir import loaded_allocator
 
-    assert allocator.loaded_allocator() == "system" and allocator.check_loaded("system") == "system"
+    assert loaded_allocator() == "system" and allocator.check_loaded("system") == "system"
     with pytest.raises(RuntimeError, match="asked for the jemalloc allocator, but this process runs with system"):
         allocator.check_loaded("jemalloc")  # a child whose preload did not take stops before its first step
-    assert allocator.preload_env("system", {"LD_PRELOAD": "x.so"}) == {"LD_PRELOAD": "x.so"}
+    unchanged = {"LD_PRELOAD": "x.so"}
+    assert allocator.preload_env(allocator.allocator_library("system"), unchanged) == unchanged
     if _installed("jemalloc"):
-        assert allocator.preload_env("jemalloc", {"LD_PRELOAD": "x.so"})["LD_PRELOAD"].endswith(" x.so")
+        library = allocator.allocator_library("jemalloc")
+        assert allocator.preload_env(library, {"LD_PRELOAD": "x.so"})["LD_PRELOAD"].endswith(" x.so")
     # not installed: a clear error before any child runs (exit 2), with how to install it
     monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
     assert main(["bench", "--workloads", "tiny-cpu", "--skip-gate", "--allocator", "jemalloc"]) == 2

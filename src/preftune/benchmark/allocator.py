@@ -13,8 +13,6 @@ import ctypes.util
 import os
 import sys
 
-from preftune.train.rundir import loaded_allocator
-
 # the libraries' link names, in order of preference (tcmalloc_minimal: tcmalloc without the heap profiler)
 ALLOCATORS: dict[str, tuple[str, ...]] = {"system": (), "tcmalloc": ("tcmalloc_minimal", "tcmalloc"),
                                           "jemalloc": ("jemalloc",)}
@@ -37,9 +35,9 @@ def allocator_library(name: str) -> str | None:
     raise ValueError(f"--allocator {name}: no lib{ALLOCATORS[name][0]} on this machine ({INSTALL[name]})")
 
 
-def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
-    """``env`` with the allocator's library first in ``LD_PRELOAD`` (unchanged for ``system``)."""
-    library = allocator_library(name)
+def preload_env(library: str | None, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``library`` (``allocator_library``'s answer, resolved once per benchmark) first in
+    ``LD_PRELOAD``; unchanged for None (``system``)."""
     if library is None:
         return env
     return {**env, "LD_PRELOAD": " ".join(filter(None, (library, env.get("LD_PRELOAD", ""))))}
@@ -47,6 +45,8 @@ def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
 
 def check_loaded(asked: str) -> str:
     """The allocator this process runs with; RuntimeError if it is not the one asked for."""
+    from preftune.train.rundir import loaded_allocator  # imports torch: only in the child that checks
+
     loaded = loaded_allocator()
     if asked != "system" and loaded != asked:
         raise RuntimeError(f"asked for the {asked} allocator, but this process runs with {loaded}'s (LD_PRELOAD="

@@ -80,7 +80,7 @@ def _child(job: dict, root: Path, timeout_s: float) -> dict:
            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
     if job["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # preftune picks CUDA whenever it sees one
-    env = preload_env(job.get("allocator", "system"), env)  # every system alike (benchmark/allocator.py)
+    env = preload_env(job.get("preload"), env)  # every system alike (benchmark/allocator.py)
     try:
         proc = subprocess.run([sys.executable, "-m", "preftune.benchmark.systems", str(job_path), str(result_path)],
                               capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
@@ -272,7 +272,7 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
     if unknown:
         raise ValueError(f"unknown system or workload: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)}; "
                          f"workloads: {', '.join(WORKLOADS)})")
-    allocator_library(settings.allocator)  # ValueError (exit 2) before anything runs if it is not installed
+    preload = allocator_library(settings.allocator)  # ValueError (exit 2) before anything runs if not installed
     if (steps[0] is not None and steps[0] < 1) or (steps[1] is not None and steps[1] < 1) or repeat < 1:
         raise ValueError("--warmup-steps, --steps and --repeat must be >= 1 (a step is timed from the end of the "
                          "previous one)")
@@ -301,8 +301,8 @@ def run_benchmark(*, workloads: list[str], systems: list[str], settings: Setting
             precision = resolve_precision(settings.precision, w.device)
             # MFU against the bf16 peak: --peak-tflops, else the GPU's data-sheet peak (bf16 runs on a GPU only)
             peak = peak_tflops or (hw["gpu_peak_bf16_tflops"] if w.device == "cuda" and precision == "bf16" else None)
-            base = {**prepared, **vars(settings), "precision": precision, "workload": name, "warmup_steps": warm,
-                    "timed_steps": timed, "peak_tflops": peak,
+            base = {**prepared, **vars(settings), "preload": preload, "precision": precision, "workload": name,
+                    "warmup_steps": warm, "timed_steps": timed, "peak_tflops": peak,
                     "flops_per_token": flops_per_token(prepared["n_params"], settings.reference)}
             log(f"{name}: {w.model}, {w.n_pairs} pairs/step, prompt {prepared['prompt_tokens_mean']:.0f} + response "
                 f"{prepared['response_tokens_mean']:.0f} tokens, {prepared['tokens_per_step']} tokens/step, "

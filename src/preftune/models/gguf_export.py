@@ -262,8 +262,9 @@ def export_gguf(model: torch.nn.Module, tokenizer, out: Path, *, kind: str = "f1
             if writer is not None:
                 writer.close()
             tmp.unlink(missing_ok=True)
-    return {"gguf": str(out), "type": kind, "bytes": out.stat().st_size, "tensors": dict(Counter(t.name for t in ggml_types.values())),
-            "tokenizer_pre": pre, "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    return {"gguf": str(out), "type": kind, "bytes": out.stat().st_size,
+            "tensors": dict(Counter(t.name for t in ggml_types.values())), "tokenizer_pre": pre,
+            "chat_template": bool(getattr(tokenizer, "chat_template", None))}
 
 
 def llama_cpp_and_hf_logps(llama, model: torch.nn.Module, tokenizer, text: str):

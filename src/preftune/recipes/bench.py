@@ -20,6 +20,7 @@ Needs TRL: pip install 'preftune[bench]'."""
 
 
 def register(subparsers) -> None:
+    from preftune.benchmark.allocator import ALLOCATORS
     from preftune.benchmark.systems import SYSTEMS
 
     p = subparsers.add_parser("bench", help="benchmark against TRL's DPOTrainer, side by side",
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--preftune", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config for the preftune system only, repeatable (e.g. train.layout=packed, "
                         "train.gradient_checkpointing=true, train.compile=true); recorded in the JSON")
-    p.add_argument("--allocator", choices=("system", "tcmalloc", "jemalloc"), default="system",
+    p.add_argument("--allocator", choices=tuple(ALLOCATORS), default="system",
                    help="the memory allocator of every child, all systems alike: system (glibc's malloc, or what "
                         "LD_PRELOAD already holds; default), or tcmalloc / jemalloc preloaded (must be installed, e.g. "
                         "apt install libtcmalloc-minimal4); recorded in every row")
