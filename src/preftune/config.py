@@ -66,7 +66,7 @@ class TrainConfig:
     # auto | padded | prefix_shared (one [prompt][chosen][rejected] row per pair) | packed (several such triples
     # per row, block-diagonal mask, rows no longer than the longest triple)
     layout: str = "auto"
-    compile: bool = False  # torch.compile the policy's decoder in place (GPU; costs compile time up front)
+    compile: bool = False  # torch.compile the trained model's decoder in place (GPU; costs compile time up front)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more compute
     device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N | mps
     save_final: bool = True  # the final checkpoint and RUN/policy; false: metrics only (throughput benchmarks)

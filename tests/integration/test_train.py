@@ -231,17 +231,30 @@ def test_tied_embedding_gets_a_sparse_backward_and_the_same_dense_gradient(tiny_
     assert not b.is_sparse and torch.allclose(a, b, atol=1e-6)
 
 
-def test_compiled_policy_trains_like_the_eager_one(tmp_path, pairs_file):
-    """train.compile=true (inductor) gives the eager run's losses and gradient norms. The tied embedding keeps its
-    dense backward there: inductor cannot compile a backward that makes a sparse gradient."""
-    from preftune.recipes.dpo import run as run_dpo
+@pytest.mark.parametrize("command", ["dpo", pytest.param("sft", marks=pytest.mark.slow),
+                                     pytest.param("reward", marks=pytest.mark.slow)])  # 30-50 s each
+def test_compiled_model_trains_like_the_eager_one(tmp_path, pairs_file, command):
+    """train.compile=true (inductor) compiles the trained model's decoder in every training command (dynamo's
+    graph count: none eager, some compiled) and gives the eager run's losses and gradient norms. DPO's tied
+    embedding keeps its dense backward there: inductor cannot compile a backward that makes a sparse gradient."""
+    from torch._dynamo.utils import counters
 
+    from preftune.recipes import dpo, reward, sft
+
+    recipe = {"dpo": dpo, "sft": sft, "reward": reward}[command]
+    base = reward.RewardRunConfig() if command == "reward" else None
+    graphs = {}
     for compiled in (False, True):
-        run_dpo(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=2", "train.batch_size=4",
-                                            f"train.compile={compiled}", "train.save_final=false",
-                                            f"run.dir={tmp_path / str(compiled)}"]))
+        torch._dynamo.reset()
+        counters.clear()
+        recipe.run(load_config(None, COMMON + [f"data.train={pairs_file}", "train.max_steps=2", "train.batch_size=4",
+                                               f"train.compile={compiled}", "train.save_final=false",
+                                               f"run.dir={tmp_path / str(compiled)}"], base=base))
+        graphs[compiled] = counters["stats"]["unique_graphs"]
+    assert graphs[False] == 0 and graphs[True] > 0, graphs
     eager, compiled = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("False", "True"))
-    for key in ("loss", "grad_norm", "logps/chosen"):
+    keys = ("loss", "grad_norm") + (("logps/chosen",) if command == "dpo" else ())
+    for key in keys:
         assert [r[key] for r in eager] == pytest.approx([r[key] for r in compiled], rel=1e-4, abs=1e-5), key
 
 

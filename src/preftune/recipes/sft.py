@@ -47,7 +47,8 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
     from preftune.train.objectives import evaluate_examples, sft_step, token_weight
-    from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
+    from preftune.train.runtime import (compile_in_place, pick_device, prepare_for_training, resolve_precision,
+                                       setup_threads)
 
     setup_threads(cfg)
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
@@ -62,6 +63,8 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
     model = prepare_for_training(model.to(procs.load_device(device)), cfg)
+    if cfg.train.compile:
+        compile_in_place(model, procs)
     pad_id = tokenizer.pad_token_id
     stepped = procs.wrap(LogpsModule(model), cfg.train) if procs.world > 1 else model
     eval_fn = None

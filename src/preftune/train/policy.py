@@ -18,7 +18,7 @@ from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
 from preftune.train.distributed import Processes
-from preftune.train.runtime import prepare_for_training
+from preftune.train.runtime import compile_in_place, prepare_for_training
 
 log = logging.getLogger(__name__)
 Reference = FrozenReference | AdapterReference | PrecomputedReference
@@ -83,14 +83,8 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
     policy = prepare_for_training(policy.to(procs.load_device(device)), cfg)
-    if cfg.train.compile:  # in place: parameter names (and checkpoints) are unchanged
-        if procs.sharding == "fsdp2":  # each decoder layer, inside its FSDP2 unit: the unit's hooks stay eager
-            from preftune.train.sharding import transformer_blocks
-
-            for block in transformer_blocks(policy):
-                block.compile()
-        else:
-            policy.get_decoder().compile()
+    if cfg.train.compile:
+        compile_in_place(policy, procs)
     reference: Reference | None = {
         "model": lambda: FrozenReference(load_ref().to(procs.load_device(device)), precision,
                                          procs.shard_frozen if procs.sharding != "none" else None),

@@ -61,6 +61,20 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
     return model
 
 
+def compile_in_place(model: torch.nn.Module, procs: Processes | None = None) -> None:
+    """``train.compile``: torch.compile ``model``'s decoder in place, so parameter names (and checkpoints) are
+    unchanged; under FSDP2 each decoder layer is compiled inside its FSDP unit, whose hooks stay eager. Called
+    after ``prepare_for_training`` and before the model is wrapped for several processes."""
+    if procs is not None and procs.sharding == "fsdp2":
+        from preftune.train.sharding import transformer_blocks
+
+        for block in transformer_blocks(model):
+            block.compile()
+        return
+    get_decoder = getattr(model, "get_decoder", None)  # a reward model's backbone is its own decoder
+    (get_decoder() if get_decoder is not None else model).compile()
+
+
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     """``auto``: bf16 autocast on a GPU that supports it, fp32 elsewhere. Log-probs are fp32 regardless."""
     if cfg.train.precision != "auto":
