@@ -2,7 +2,8 @@
 
 from types import SimpleNamespace
 
-from preftune.benchmark.limit import Shapes, flops, matmuls, rows_of
+from preftune.benchmark.limit import Shapes, flops, matmuls, rows_of, unmodelled
+from preftune.config import load_config
 
 # 1 layer, hidden 4, MLP 8, 2 heads of 2, 1 key-value head, vocabulary 10
 CONFIG = SimpleNamespace(num_hidden_layers=1, hidden_size=4, intermediate_size=8, num_attention_heads=2,
@@ -27,5 +28,19 @@ def test_the_step_s_matrix_products_by_hand():
         "bf16": 4608 + 320, "fp32": 320}
     assert flops(matmuls(shapes, batch, "prefix_shared", reference=False, precision="fp32")) == {
         "fp32": 3456 + 160 + 320}
+    # gradient checkpointing: the backward runs the body's forward once more (5 passes), not the head's
+    assert flops(matmuls(shapes, batch, "prefix_shared", reference=True, precision="bf16", recompute=True)) == {
+        "bf16": 4 * 288 * 5 + 320, "fp32": 320}
     products = matmuls(shapes, batch, "prefix_shared", reference=True, precision="bf16")
     assert {(2, 4, 10, "fp32", 2), (2, 10, 4, "bf16", 1), (10, 2, 4, "bf16", 1)} <= set(products)  # the head
+
+
+def test_no_limit_for_a_step_it_does_not_model():
+    """LoRA and the adapter reference change the step's work: the limit names them instead of printing a wrong
+    number; full fine-tuning (live or precomputed reference, recomputation or not) is modelled."""
+    assert unmodelled(load_config(None, [])) == []
+    assert unmodelled(load_config(None, ["reference.mode=precomputed", "train.compile=true",
+                                         "train.gradient_checkpointing=true"])) == []
+    assert unmodelled(load_config(None, ["lora.enabled=true", "train.gradient_checkpointing=true"])) == [
+        "lora.enabled"]
+    assert unmodelled(load_config(None, ["reference.mode=adapter"])) == ["reference.mode=adapter"]

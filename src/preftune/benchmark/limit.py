@@ -66,9 +66,10 @@ def rows_of(batch: list[tuple[int, int, int]], layout: str) -> tuple[int, int]:
 
 
 def matmuls(shapes: Shapes, batch: list[tuple[int, int, int]], layout: str, *, reference: bool,
-            precision: str, part: bool = False) -> list[tuple]:
+            precision: str, part: bool = False, recompute: bool = False) -> list[tuple]:
     """The step's matrix products as (M, K, N, dtype, count): C[M, N] = A[M, K] @ B[K, N]; with ``part``, each
-    also names its part ("body" or "head") last."""
+    also names its part ("body" or "head") last. ``recompute`` (gradient checkpointing): the backward runs each
+    decoder layer's forward again (the head is outside the layers)."""
     rows, length = rows_of(batch, layout)
     tokens, head_tokens = rows * length, sum(c + r for _, c, r in batch)
     body = "bf16" if precision == "bf16" else "fp32"
@@ -79,7 +80,8 @@ def matmuls(shapes: Shapes, batch: list[tuple[int, int, int]], layout: str, *, r
         out[key] = out.get(key, 0) + count
 
     for k, n in shapes.projections():
-        add(tokens, k, n, body, shapes.layers * (2 if reference else 1), "body")  # policy (+ reference) forward
+        # policy (+ recomputed) (+ reference) forward
+        add(tokens, k, n, body, shapes.layers * (1 + recompute + reference), "body")
         add(tokens, n, k, body, shapes.layers, "body")  # policy backward, dX = dY @ W
         add(n, tokens, k, body, shapes.layers, "body")  # policy backward, dW = dY^T @ X
     h, v = shapes.hidden, shapes.vocab
@@ -151,8 +153,17 @@ def time_attention(rows: int, length: int, shapes: Shapes, dtype: str, backward:
     return _best_time(run)
 
 
+def unmodelled(cfg) -> list[str]:
+    """What in a ``preftune dpo`` config the limit does not model: it times full fine-tuning of every weight (its
+    optimizer over all of them) with a frozen reference that is a model of its own, precomputed or none. Under
+    LoRA (no weight gradient for the frozen base, an optimizer over the adapter alone) or the adapter reference
+    the step does other work, so no limit is printed for it rather than a wrong one."""
+    return [what for what, on in (("lora.enabled", cfg.lora.enabled),
+                                  ("reference.mode=adapter", cfg.reference.mode == "adapter")) if on]
+
+
 def step_limit(config, batches: list[list[tuple[int, int, int]]], layout: str, *, reference: bool,
-               precision: str, optimizer: str, n_params: int, threads: int) -> dict:
+               precision: str, optimizer: str, n_params: int, threads: int, recompute: bool = False) -> dict:
     """The limit for the average of ``batches`` (each a step's (prompt, chosen, rejected) token counts)."""
     import torch
 
@@ -163,18 +174,19 @@ def step_limit(config, batches: list[list[tuple[int, int, int]]], layout: str, *
     dtype = "bf16" if precision == "bf16" else "fp32"
     for batch in batches:
         for m, k, n, kind, count, where in matmuls(shapes, batch, layout, reference=reference, precision=precision,
-                                                   part=True):
+                                                   part=True, recompute=recompute):
             if (m, k, n, kind) not in timed:
                 timed[(m, k, n, kind)] = time_matmul(m, k, n, kind)
             parts[f"{where}_matmuls_s"] += count * timed[(m, k, n, kind)] / len(batches)
         rows, length = rows_of(batch, layout)
-        layer = time_attention(rows, length, shapes, dtype, True) + (
-            time_attention(rows, length, shapes, dtype, False) if reference else 0.0)
+        layer = time_attention(rows, length, shapes, dtype, True) + (reference + recompute) * (
+            time_attention(rows, length, shapes, dtype, False) if reference or recompute else 0.0)
         parts["attention_s"] += shapes.layers * layer / len(batches)
     bandwidth = stream_bandwidth()
     parts["optimizer_s"] = TRAFFIC_BYTES[optimizer] * n_params / bandwidth
     total_flops = {k: v / len(batches) for k, v in flops(
-        [p for b in batches for p in matmuls(shapes, b, layout, reference=reference, precision=precision)]).items()}
+        [p for b in batches for p in matmuls(shapes, b, layout, reference=reference, precision=precision,
+                                             recompute=recompute)]).items()}
     matmul_s = parts["body_matmuls_s"] + parts["head_matmuls_s"]
     return {"limit_s": sum(parts.values()), **parts, "bandwidth_gb_s": bandwidth / 1e9,
             "matmul_tflops": {k: v / 1e12 for k, v in total_flops.items()},

@@ -84,11 +84,36 @@ def matched_overrides(job: dict) -> list[str]:
             f"reference.mode={job.get('reference', 'model')}"]
 
 
+def _measured_limit(job: dict, cfg, layout: str) -> dict | None:
+    """After the timed steps, once per workload (the runner reads the first repetition's): the step's matrix
+    products etc. alone on this machine; none where the limit does not model the step, or cannot be measured."""
+    import torch
+    from transformers import AutoConfig
+
+    from preftune.benchmark.limit import step_batches, step_limit, unmodelled
+    from preftune.train.objectives import loss_from_config
+    from preftune.train.policy import resolve_reference_mode
+
+    if unmodelled(cfg):
+        print(f"the step's limit is not measured under {', '.join(unmodelled(cfg))}: it models full fine-tuning "
+              "with a reference of its own, precomputed or none", file=sys.stderr)
+        return None
+    live_reference = resolve_reference_mode(cfg, loss_from_config(cfg)) == "model"  # not precomputed, not loss-free
+    try:  # the step's measurements stand without it
+        return step_limit(AutoConfig.from_pretrained(job["model_dir"]), step_batches(job), layout,
+                          reference=live_reference, precision=job["precision"], optimizer=job["optimizer"],
+                          n_params=job["n_params"], threads=torch.get_num_threads(),
+                          recompute=cfg.train.gradient_checkpointing)
+    except (RuntimeError, MemoryError, ValueError) as exc:
+        print(f"the step's limit could not be measured: {exc}", file=sys.stderr)
+        return None
+
+
 def run_preftune(job: dict) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401 (the runtime, before any model loads)
 
     import preftune.train.loop  # noqa: F401
-    from preftune.benchmark.limit import resident_gb, step_batches, step_limit
+    from preftune.benchmark.limit import resident_gb
     from preftune.config import load_config
     from preftune.recipes import dpo
     from preftune.train.layout import resolve_layout
@@ -110,17 +135,7 @@ def run_preftune(job: dict) -> dict:
     phases = {k.removeprefix("time/").removesuffix("_s"): sum(r[k] for r in timed) / len(timed)
               for k in timed[0] if k.startswith("time/")} if timed else None
     layout = resolve_layout(cfg, items)
-    limit = None
-    if job["device"] == "cpu" and job.get("rep", 0) == 0:  # after the timed steps, once per workload: the step's
-        # matrix products etc. alone on this machine (the runner reads the first repetition's)
-        import torch
-
-        try:  # the step's measurements stand without it
-            limit = step_limit(AutoConfig.from_pretrained(job["model_dir"]), step_batches(job), layout,
-                               reference=job.get("reference", "model") == "model", precision=job["precision"],
-                               optimizer=job["optimizer"], n_params=job["n_params"], threads=torch.get_num_threads())
-        except (RuntimeError, MemoryError, ValueError) as exc:
-            print(f"the step's limit could not be measured: {exc}", file=sys.stderr)
+    limit = _measured_limit(job, cfg, layout) if job["device"] == "cpu" and job.get("rep", 0) == 0 else None
     return {"phase_s": phases, "limit": limit, "runtime_rss_gb": runtime_rss_gb,
             "settings": {"overrides": matched_overrides(job) + extra, "log_every": cfg.train.log_every,
                          "layout": layout, "compile": cfg.train.compile,
