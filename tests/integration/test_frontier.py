@@ -40,19 +40,20 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
                                                           for a in args], first)
     caplog.set_level("INFO", logger="preftune.recipes")
     assert main(args) == 0
-    assert sum("reusing" in r.getMessage() for r in caplog.records) == 5  # DPO, Preferred-FT, RM, PPO, PPO-GT
+    reused = sorted(Path(r.getMessage().split()[1]).name for r in caplog.records if "reusing" in r.getMessage())
+    assert reused == ["best-of-n", "dpo-beta0.1", "ppo-0.05", "ppo-gt-0.05", "preferred-ft", "reward"]
     assert json.loads((out / "frontier.json").read_text())["points"] == first
-    # a changed PPO setting re-runs the PPO runs only
+    # a changed PPO setting re-runs the PPO runs only; changed N, best-of-N only
     caplog.clear()
-    assert main(args + ["frontier.ppo_lr=3e-5"]) == 0
+    assert main(args + ["frontier.ppo_lr=3e-5", "frontier.best_of_n=2"]) == 0
     reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
     assert [Path(x).name for x in reused] == ["dpo-beta0.1", "preferred-ft", "reward"]
     # a changed train.lr re-runs DPO and Preferred-FT (which read it) but not the reward model (it sets its own
-    # lr) nor PPO (its lr is frontier.ppo_lr)
+    # lr), best-of-N (it reads the reward model) nor PPO (its lr is frontier.ppo_lr)
     caplog.clear()
-    assert main(args + ["frontier.ppo_lr=3e-5", "train.lr=2e-3"]) == 0
+    assert main(args + ["frontier.ppo_lr=3e-5", "frontier.best_of_n=2", "train.lr=2e-3"]) == 0
     reused = sorted(r.getMessage().split()[1] for r in caplog.records if "reusing" in r.getMessage())
-    assert [Path(x).name for x in reused] == ["ppo-0.05", "ppo-gt-0.05", "reward"]
+    assert [Path(x).name for x in reused] == ["best-of-n", "ppo-0.05", "ppo-gt-0.05", "reward"]
     # PPO-GT alone (how it is run to convergence): no DPO, PPO, Preferred-FT or best-of-N, and no reward model
     caplog.clear()
     assert main(args + ["frontier.ppo_lr=3e-5", "train.lr=2e-3", "frontier.dpo_betas=", "frontier.ppo_kl_coefs=",

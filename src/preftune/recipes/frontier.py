@@ -220,6 +220,14 @@ class _Frontier:
             _sub_config(self.cfg, rm_dir, overrides, RewardRunConfig()), resume=resume), resumable=True)
         return result, key
 
+    def best_of_n(self, scorer: str, rm_key: dict, ns: list[int]) -> list:
+        """Best-of-N's points (~30 min of sampling and scoring on SmolLM2 at 4x), reused when they were computed
+        with the same reward model (whose key holds the model, the seed and the held-out settings) and the same N."""
+        from preftune.eval.scorers import get_scorer
+
+        return reused_or_run(self.root / "runs" / "best-of-n", {"reward_model": rm_key, "n": ns},
+                             lambda: _best_of_n(self.held, get_scorer(scorer), ns))
+
     def ppo(self, method: str, coef: float, scorer: str, scorer_key, iterations: int, prompts: list[str]) -> list:
         """A PPO arm (learned reward model or the oracle itself), evaluated by a hook along its iterations."""
         from preftune.eval.heldout import evaluate_policy
@@ -261,7 +269,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     from preftune.data.records import write_jsonl
     from preftune.eval.heldout import HeldOut, evaluate_policy, full_text
     from preftune.eval.plots import plot_frontier
-    from preftune.eval.scorers import SentimentOracle, get_scorer
+    from preftune.eval.scorers import SentimentOracle
     from preftune.eval.sentiment_task import build_pairs, demo_prompts
     from preftune.models.load import load_reference, load_tokenizer
     from preftune.recipes.dpo import run as run_dpo
@@ -301,7 +309,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     if f.ppo_gt:
         points += arms.ppo("PPO-GT", 0.05, "sentiment", "sentiment", iterations, train_prompts)
     if _ints(f.best_of_n):
-        points += _best_of_n(held, get_scorer(rm_path), _ints(f.best_of_n))
+        points += arms.best_of_n(rm_path, rm_key, _ints(f.best_of_n))
     budget = {"dpo_settings": len(_floats(f.dpo_betas)), "ppo_settings": len(_floats(f.ppo_kl_coefs)),
               "dpo_samples": arms.sample_budget, "ppo_samples_per_run": iterations * f.ppo_batch_size,
               "reward_model_heldout_accuracy": rm_result["eval"].get("eval/accuracy"),
