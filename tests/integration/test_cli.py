@@ -53,6 +53,21 @@ def test_dpo_then_eval_then_sample_then_score(tmp_path, pairs_file, capsys):
     assert result["eval/loss"] == pytest.approx(eval_rows[-1]["eval/loss"], abs=1e-4)
     assert result["eval/rewards/accuracies"] == pytest.approx(eval_rows[-1]["eval/rewards/accuracies"])
 
+    # with data.eval_fraction (no data.eval): the pairs a run with that config held out of data.train, the same
+    # metrics as evaluating a file of exactly those pairs
+    from preftune.data.splits import split_eval
+
+    held = write_jsonl(tmp_path / "held.jsonl", split_eval(PAIRS, 0.5, 0)[1])
+    results = []
+    for data in ([f"data.train={pairs_file}", "data.eval_fraction=0.5"], [f"data.eval={held}"]):
+        code, out, err = _run(capsys, ["eval", "model=" + str(run_dir / "policy"), "ref_model=tiny", *data,
+                                       "train.precision=fp32"])
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0]["pairs"] == results[1]["pairs"] == len(PAIRS) // 2
+    assert results[0]["held_out_fraction"] == 0.5 and "held_out_fraction" not in results[1]
+    assert results[0]["eval/loss"] == pytest.approx(results[1]["eval/loss"], abs=1e-6)
+
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "The movie was"}, {"prompt": "I felt"}])
     samples = tmp_path / "samples.jsonl"
     code, out, err = _run(capsys, ["sample", str(run_dir / "policy"), "--prompts", str(prompts), "--out",
@@ -208,3 +223,46 @@ def test_multi_response_records_expand_and_cap(tmp_path, capsys, caplog):
     # soars>grates 2, works>hurts 2 (tie again). The kept pairs are listed in rank order.
     assert [(p.chosen, p.rejected) for p in pairs] == [
         (" is great.", " is fine."), (" is great.", " is awful."), (" soars.", " grates."), (" soars.", " hurts.")]
+
+
+UNREAD = [
+    (["frontier", "dpo.loss=ipo"], "config key 'dpo.loss': preftune frontier does not read it (its DPO arms use"),
+    (["frontier", "dpo.beta=0.2"], "config key 'dpo.beta': preftune frontier does not read it"),
+    (["frontier", "reference.mode=precomputed"], "config key 'reference.mode': preftune frontier does not read it"),
+    (["frontier", "lora.enabled=true"], "config key 'lora.enabled': preftune frontier does not read it"),
+    (["frontier", "ref_model=tiny"], "config key 'ref_model': preftune frontier does not read it"),
+    (["frontier", "run.report_to=tensorboard"], "config key 'run.report_to': preftune frontier does not read it"),
+    (["frontier", "train.save_final=false"], "config key 'train.save_final': preftune frontier does not read it"),
+    (["frontier", "frontier.temperature=0.7"], "config key 'frontier.temperature': preftune frontier does not"),
+    (["winrate", "dpo.label_smoothing=0.1"], "config key 'dpo.label_smoothing': preftune winrate does not read it"),
+    (["winrate", "ref_model=tiny"], "config key 'ref_model': preftune winrate does not read it"),
+    (["demo", "data.train=x.jsonl"], "config key 'data.train': preftune demo does not read it"),
+    (["sft", "train.layout=packed"], "config key 'train.layout': SFT trains on padded rows"),
+    (["sft", "data.max_pairs_per_prompt=2"], "config key 'data.max_pairs_per_prompt': preftune sft does not read"),
+    (["dpo", "dpo.loss=simpo", "reference.mode=none", "ref_model=other"],
+     "config key 'ref_model': loss 'simpo' is reference-free and reads no reference"),
+]
+
+
+@pytest.mark.parametrize("argv, message", UNREAD, ids=[" ".join(argv) for argv, _ in UNREAD])
+def test_a_key_the_command_does_not_read_is_refused_not_ignored(tmp_path, pairs_file, capsys, argv, message):
+    """Keys a command's config accepts (shared sections) but the command would not honour: exit 2 naming the key,
+    before anything loads or is written."""
+    experiment = argv[0] in ("frontier", "winrate", "demo")
+    where = ["--out", str(tmp_path / "out")] if experiment else [f"data.train={pairs_file}", "train.max_steps=1",
+                                                                 f"run.dir={tmp_path / 'run'}"]
+    code, out, err = _run(capsys, [*argv, *FAST, *where])
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_reward_model_judge_refuses_the_endpoint_judges_keys():
+    from preftune.errors import ConfigError
+    from preftune.eval.judges import JudgeSettings, check_judge_settings
+
+    check_judge_settings(JudgeSettings(spec="rm:/some/dir"))
+    for key, value in (("mode", "text"), ("template", "summarization"), ("top_logprobs", 5)):
+        with pytest.raises(ConfigError, match=f"config key 'judge.{key}' applies to an endpoint judge, not to a "
+                                              "reward-model judge"):
+            check_judge_settings(JudgeSettings(spec="rm:/some/dir", **{key: value}))
+    check_judge_settings(JudgeSettings(spec="http://127.0.0.1:1/v1", mode="text", template="summarization"))

@@ -31,6 +31,11 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
     assert result["budget"]["dpo_settings"] == result["budget"]["ppo_settings"] == 1
     assert (out / "frontier.png").stat().st_size > 10_000
     assert "best-of-N" in capsys.readouterr().out
+    # every arm computes where the frontier's train section says: PPO's too (its train section is its own)
+    import yaml
+
+    for arm in ("dpo-beta0.1", "ppo-0.05", "ppo-gt-0.05"):
+        assert yaml.safe_load((out / "runs" / arm / "config.yaml").read_text())["train"]["precision"] == "fp32", arm
     # evaluated checkpoints are dropped (a SmolLM2 frontier kept ~30 GB of them); final policies stay
     assert not list(out.glob("runs/*/checkpoints")) and (out / "runs" / "dpo-beta0.1" / "policy").is_dir()
 

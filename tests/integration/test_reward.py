@@ -177,3 +177,9 @@ def test_reward_help_and_refused_options(tmp_path, pairs_file, capsys):
         code, _, err = _run(capsys, ["reward", *FAST, f"data.train={pairs_file}", bad, f"run.dir={tmp_path / 'r'}"])
         assert code == 2 and f"'{key}'" in err, err
     assert not (tmp_path / "r" / "reward_model").exists()
+    # train.save_final=false: metrics only, as for dpo and sft (no reward model, no final checkpoint)
+    code, out, err = _run(capsys, ["reward", *FAST, f"data.train={pairs_file}", "train.max_steps=1",
+                                   "train.save_final=false", f"run.dir={tmp_path / 'm'}"])
+    assert code == 0, err
+    assert json.loads(out)["reward_model"] is None and read_metrics(tmp_path / "m" / "metrics.jsonl")
+    assert not (tmp_path / "m" / "reward_model").exists() and not (tmp_path / "m" / "checkpoints").exists()

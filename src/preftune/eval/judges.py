@@ -59,6 +59,11 @@ def check_judge_settings(s: JudgeSettings) -> None:
     for name in ("concurrency", "max_tokens", "top_logprobs"):
         if getattr(s, name) < 1:
             raise ConfigError(f"config key 'judge.{name}' must be >= 1")
+    if s.spec.startswith("rm:"):  # it scores each reply itself: no prompt, no verdict, no endpoint
+        for name in ("mode", "template", "api_key_env", "max_tokens", "top_logprobs"):
+            if getattr(s, name) != getattr(JudgeSettings(), name):
+                raise ConfigError(f"config key 'judge.{name}' applies to an endpoint judge, not to a reward-model "
+                                  f"judge ({s.spec}), which scores each reply itself: remove it")
     if s.api_key_env is not None and not os.environ.get(s.api_key_env):
         raise ConfigError(f"config key 'judge.api_key_env': the environment variable {s.api_key_env} is not set")
 

@@ -93,6 +93,22 @@ def _lookup(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def refuse_unread(cfg: Any, command: str, keys: dict[str, str]) -> None:
+    """Keys (``section`` or ``section.field``) that ``command``'s config accepts, sharing a section or a base with
+    other commands, but that the command does not read: set to anything but their default, each is an error that
+    names the key and says why (``keys[key]``), never a value silently ignored."""
+    import dataclasses
+
+    defaults = type(cfg)()
+    for key, why in keys.items():
+        value, default = _lookup(cfg, key), _lookup(defaults, key)
+        changed = ([f"{key}.{f.name}" for f in dataclasses.fields(value)
+                    if getattr(value, f.name) != getattr(default, f.name)]
+                   if dataclasses.is_dataclass(value) else [key] if value != default else [])
+        if changed:
+            raise ConfigError(f"config key '{changed[0]}': preftune {command} does not read it ({why}); remove it")
+
+
 def register_training(sub, name: str, *, help: str, description: str, config: type, run: Callable, epilog: str = "",
                       check: Callable[[Any], None] | None = None) -> None:
     """A training command's sub-command: ``[CONFIG.yaml] key=value ... [--resume RUN_DIR]``, the config built by

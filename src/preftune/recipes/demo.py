@@ -21,7 +21,7 @@ from typing import ClassVar
 from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, config_help, load_config
 from preftune.errors import InputError
 from preftune.eval.sentiment_task import DemoSettings
-from preftune.recipes.common import register_experiment
+from preftune.recipes.common import refuse_unread, register_experiment
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def run(cfg: DemoConfig, *, out: str | None = None) -> dict:
     from preftune.recipes.dpo import run as run_dpo
     from preftune.train.runtime import setup_threads
 
+    why = "the demo trains on the pairs it builds from its own samples (demo.* sets how many)"
+    refuse_unread(cfg, "demo", {"data.train": why, "data.eval": why})
     run_dir = Path(out or cfg.run.dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(run_dir)

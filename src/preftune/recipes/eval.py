@@ -13,8 +13,10 @@ from preftune.recipes.common import FORMATTER, add_config_args, load_run_config,
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="held-out preference metrics of a model against its reference",
-                       description="Evaluate `model` against `ref_model` on data.eval (or data.train) pairs: "
-                                   "loss, implicit rewards, preference accuracy, margins.",
+                       description="Evaluate `model` against `ref_model` on data.eval pairs, or on data.train's "
+                                   "(with data.eval_fraction > 0: the fraction a training run with the same "
+                                   "config and train.seed held out): loss, implicit rewards, preference accuracy, "
+                                   "margins.",
                        epilog=config_help(Config), formatter_class=FORMATTER)
     add_config_args(p)
     p.add_argument("--out", help="write the metrics as JSON here")
@@ -42,7 +44,7 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
 
         raise ConfigError("run.report_to applies to training (dpo, sft, reward, ppo); preftune eval reports to no "
                           "tracker: remove it")
-    from preftune.data.splits import load_file, pair_reader
+    from preftune.data.splits import load_file, pair_reader, split_eval
     from preftune.data.tokenize import tokenize_pair
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.models.reference import FrozenReference, PrecomputedReference
@@ -59,6 +61,9 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
     ref_spec = reference_spec(cfg, mode)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     items, report = load_file(cfg, path, pair_reader(cfg), tokenize_pair, tokenizer)
+    held_out = not cfg.data.eval and cfg.data.eval_fraction > 0
+    if held_out:  # the pairs a training run with this config held out of data.train (the same split)
+        items = split_eval(items, cfg.data.eval_fraction, cfg.train.seed)[1]
     device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     reference = None
@@ -71,7 +76,7 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
     metrics = evaluate_pairs(policy, reference, loss_fn, items, tokenizer.pad_token_id, cfg.train.eval_batch_size,
                              device, cfg.dpo.sft_weight, precision)
     result = {"model": cfg.model, "ref_model": ref_spec, "reference_mode": mode, "data": str(path),
-              "pairs": len(items), "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
+              **({"held_out_fraction": cfg.data.eval_fraction} if held_out else {}), "pairs": len(items), "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
     if out:
         Path(out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

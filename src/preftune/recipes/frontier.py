@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, load_config
 from preftune.eval.sentiment_task import DemoSettings
-from preftune.recipes.common import register_experiment, reused_or_run
+from preftune.recipes.common import refuse_unread, register_experiment, reused_or_run
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,8 @@ class _Frontier:
         from preftune.recipes.ppo import PPORunConfig, run as run_ppo
 
         f, cfg, setting = self.f, self.cfg, f"kl_coef={coef}"
+        # where it computes, as the other arms do (in its key only when set, so that earlier keys stay valid)
+        where = {k: v for k, v in _changed(cfg.train, TrainConfig()).items() if k in ("precision", "device", "tf32")}
         run_dir = self.root / "runs" / f"{method.lower()}-{coef}"
         overrides = [f"train.seed={cfg.train.seed}", "train.progress=false",
                      f"train.num_threads={cfg.train.num_threads if cfg.train.num_threads else 'null'}",
@@ -242,7 +244,8 @@ class _Frontier:
                      f"ppo.ppo_epochs={f.ppo_epochs}", f"ppo.lr={f.ppo_lr}",
                      f"ppo.minibatch_size={f.ppo_minibatch_size or max(1, f.ppo_batch_size // 2)}",
                      f"ppo.eval_every={self.every(iterations)}", f"ppo.save_every={self.every(iterations)}",
-                     "train.keep_checkpoints=1"]  # a checkpoint at each evaluation: a stopped arm resumes
+                     "train.keep_checkpoints=1",  # a checkpoint at each evaluation: a stopped arm resumes
+                     *(f"train.{k}={v}" for k, v in where.items())]
 
         def train(resume: bool):
             def hook(policy, step):
@@ -255,11 +258,11 @@ class _Frontier:
                     resume=resume)
             return _ppo_points(method, setting, run_dir)
 
-        # PPO reads only the seed and thread count of the train section (its own settings are frontier.ppo_*)
+        # PPO reads the seed, thread count and placement of the train section (its own settings are frontier.ppo_*)
         key = {**{k: v for k, v in self.common.items() if k != "train"}, "seed": cfg.train.seed,
                "num_threads": cfg.train.num_threads, "iterations": iterations,
                **{k: getattr(f, k) for k in ("ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr")},
-               "kl_coef": coef, "scorer": scorer_key}
+               "kl_coef": coef, "scorer": scorer_key, **where}
         return reused_or_run(run_dir, key, train, resumable=True)
 
 
@@ -276,6 +279,12 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     from preftune.recipes.sft import SFTRunConfig, run as run_sft
     from preftune.train.runtime import setup_threads
 
+    refuse_unread(cfg, "frontier", {
+        "dpo": "its DPO arms use the sigmoid loss at each beta of frontier.dpo_betas",
+        "reference": "every arm is held against `model`, a frozen copy", "lora": "its arms train every weight",
+        "ref_model": "`model` is every arm's start and reference, and samples the pairs and the KL",
+        "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used",
+        "frontier.temperature": "samples are drawn at temperature 1, which the KL estimate needs"})
     f = cfg.frontier
     root = Path(out or cfg.run.dir or f"runs/frontier-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)
@@ -284,7 +293,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     oracle = SentimentOracle.load_or_train()
     train_prompts, heldout_prompts = demo_prompts(f, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    reference = load_reference(cfg.ref_model or cfg.model, seed=cfg.train.seed)
+    reference = load_reference(cfg.model, seed=cfg.train.seed)
     held = HeldOut(tokenizer, reference, heldout_prompts, oracle, f.eval_samples_per_prompt, f.max_new_tokens,
                    batch_size=f.generation_batch_size, seed=cfg.train.seed + 1)
 

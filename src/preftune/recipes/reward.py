@@ -117,17 +117,18 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
                  cfg=cfg.train, run_dir=run_dir, eval_fn=eval_fn, resume=resume, device=device,
                  precision=precision, procs=procs)
     model.normalization = (training_normalization(model, train_items, cfg.train.eval_batch_size)
-                           if cfg.reward.normalize else None)
+                           if cfg.reward.normalize and cfg.train.save_final else None)
     path = run_dir / "reward_model"
-    whole = procs.unsharded(model, lambda: _fresh_reward_model(cfg, model))
-    if procs.is_main:
-        from preftune.models.card import model_card
+    if cfg.train.save_final:  # false: metrics only, as for dpo and sft
+        whole = procs.unsharded(model, lambda: _fresh_reward_model(cfg, model))
+        if procs.is_main:
+            from preftune.models.card import model_card
 
-        whole.save(path, tokenizer, card=model_card(run_dir, "reward model"))
+            whole.save(path, tokenizer, card=model_card(run_dir, "reward model"))
     close_trackers(run_dir)
     procs.barrier()
     return {"run_dir": str(run_dir), "step": result.step, "train": result.last_metrics, "eval": result.last_eval,
-            "reward_model": str(path), "normalization": model.normalization}
+            "reward_model": str(path) if cfg.train.save_final else None, "normalization": model.normalization}
 
 
 def _fresh_reward_model(cfg: RewardRunConfig, trained):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from preftune.config import DataConfig, LoRAConfig, RunConfig, TrainConfig
-from preftune.recipes.common import finish_policy_run, register_training, start_training_run
+from preftune.recipes.common import finish_policy_run, refuse_unread, register_training, start_training_run
 
 log = logging.getLogger(__name__)
 HELP = "supervised fine-tuning on completions (Preferred-FT on pairs' chosen)"
@@ -34,8 +34,18 @@ class SFTRunConfig:
 
 
 
+def check_config(cfg: SFTRunConfig) -> None:
+    """Checked before anything loads: the keys SFT shares with DPO but cannot honour."""
+    from preftune.errors import ConfigError
+
+    if cfg.train.layout not in ("auto", "padded"):  # prefix sharing and packing are DPO's row layouts
+        raise ConfigError("config key 'train.layout': SFT trains on padded rows, one per example (auto or padded)")
+    refuse_unread(cfg, "sft", {"data.max_pairs_per_prompt": "it trains on one completion per record"})
+
+
 def register(sub) -> None:
-    register_training(sub, "sft", help=HELP, description=f"{HELP}.", config=SFTRunConfig, run=run)
+    register_training(sub, "sft", help=HELP, description=f"{HELP}.", config=SFTRunConfig, run=run,
+                      check=check_config)
 
 
 def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
@@ -50,6 +60,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.train.runtime import (compile_in_place, pick_device, prepare_for_training, resolve_precision,
                                        setup_threads)
 
+    check_config(cfg)
     setup_threads(cfg)
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)

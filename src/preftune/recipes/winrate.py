@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, config_help
 from preftune.eval.judges import JudgeSettings
-from preftune.recipes.common import register_experiment
+from preftune.recipes.common import refuse_unread, register_experiment
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,16 @@ def _ppo(exp: _Experiment, sft_policy: str, rm_path: str) -> dict:
     w, run_dir = exp.w, exp.root / "runs" / "ppo"
     prompts = list(dict.fromkeys(p.prompt for p in exp.split.train if is_single_turn(p.prompt)))
     settings = {"iterations": w.ppo_iterations, "batch_size": w.ppo_batch_size, "kl_coef": w.ppo_kl_coef}
+    # where it computes, as the other arms do (in its key only when set, so that earlier keys stay valid)
+    placement = {k: getattr(exp.cfg.train, k) for k in ("precision", "device", "tf32")
+                 if getattr(exp.cfg.train, k) != getattr(TrainConfig(), k)}
+    where, settings = [f"train.{k}={v}" for k, v in placement.items()], {**settings, **placement}
     overrides = [f"model={sft_policy}", f"ref_model={sft_policy}", f"ppo.scorer=rm:{rm_path}",
                  f"ppo.iterations={w.ppo_iterations}", f"ppo.batch_size={w.ppo_batch_size}",
                  f"ppo.minibatch_size={max(1, w.ppo_batch_size // 2)}", f"ppo.kl_coef={w.ppo_kl_coef}",
                  f"ppo.max_new_tokens={w.max_new_tokens}", f"ppo.generation_batch_size={w.generation_batch_size}",
                  f"ppo.eval_every={max(1, w.ppo_iterations // max(1, w.eval_points))}",
-                 f"train.seed={exp.cfg.train.seed}", "train.progress=false"]
+                 f"train.seed={exp.cfg.train.seed}", "train.progress=false", *where]
 
     def train():
         curve: dict[str, dict[str, list[str]]] = {}
@@ -276,6 +280,11 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     from preftune.recipes.sft import SFTRunConfig, run as run_sft
     from preftune.train.runtime import setup_threads
 
+    refuse_unread(cfg, "winrate", {
+        "dpo": "its DPO arms use the sigmoid loss at each beta of winrate.dpo_betas",
+        "reference": "every arm is held against the Preferred-FT policy, a frozen copy",
+        "lora": "its arms train every weight", "ref_model": "every arm's reference is the Preferred-FT policy",
+        "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used"})
     w = cfg.winrate
     root = Path(out or cfg.run.dir or f"runs/winrate-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)

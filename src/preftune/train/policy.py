@@ -29,6 +29,9 @@ def resolve_reference_mode(cfg: Config, loss_fn: PreferenceLoss) -> str:
     if not loss_fn.needs_reference:
         if mode not in ("none", "model"):
             raise ConfigError(f"loss '{loss_fn.name}' is reference-free: set reference.mode=none, not {mode!r}")
+        if cfg.ref_model not in (None, cfg.model):
+            raise ConfigError(f"config key 'ref_model': loss '{loss_fn.name}' is reference-free and reads no "
+                              "reference: remove it")
         return "none"
     if mode == "none":
         raise ConfigError(f"loss '{loss_fn.name}' needs a reference: reference.mode=none only suits simpo/orpo")
