@@ -266,7 +266,8 @@ def _check_data(d: DataConfig) -> None:
 
 def _check_train(t: TrainConfig) -> None:
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)):
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every),
+                       ("train.eval_batch_size", t.eval_batch_size), ("train.keep_checkpoints", t.keep_checkpoints)):
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     for key, value in (("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
@@ -274,6 +275,9 @@ def _check_train(t: TrainConfig) -> None:
                        ("train.eval_every", t.eval_every), ("train.save_every", t.save_every)):
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise ConfigError(f"config key 'train.warmup_steps' must be >= 0 (or null for the paper's 150, scaled), got "
+                          f"{t.warmup_steps}")
     if t.epochs is not None and not t.epochs > 0:
         raise ConfigError(f"config key 'train.epochs' must be > 0 (or null to train for train.max_steps), got {t.epochs}")
     if t.num_threads is not None and t.num_threads < 1:

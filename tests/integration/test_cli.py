@@ -93,6 +93,13 @@ def test_sampling_is_seeded_and_greedy_is_deterministic(tmp_path, capsys):
                      "--max-new-tokens", "6", "--seed", str(seed)]) == 0
         outs.append([json.loads(x)["completion"] for x in path.read_text().splitlines()])
     assert outs[0] == outs[1] and outs[0] != outs[2]
+    # settings that were silently something else (a negative temperature: greedy; 0 samples: an empty file)
+    for option, value, rule in (("--temperature", "-0.5", ">= 0"), ("--top-p", "0.0", "in (0, 1]"),
+                                ("--num-samples", "0", ">= 1"), ("--max-new-tokens", "0", ">= 1")):
+        code, _, err = _run(capsys, ["sample", "tiny", "--prompts", str(prompts), "--out", str(tmp_path / "x.jsonl"),
+                                     option, value])
+        assert code == 2 and f"{option} {value}: must be {rule}" in err, err
+        assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_sft_end_to_end(tmp_path, pairs_file, capsys):
@@ -184,6 +191,18 @@ def test_skip_mode_reports_and_trains_on_the_rest(tmp_path, capsys, caplog):
                                    f"run.dir={tmp_path / 'r'}"])
     assert code == 0, err
     assert "skipped 2 of 6 records" in caplog.text
+
+    # nothing left to train or evaluate on: an error naming the file and why, never another split in its place
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[4:])
+    for data, message in (([f"data.train={bad}"], f"{bad}: no training items left (skipped 2 of 2 records"),
+                          ([f"data.train={path}", f"data.eval={bad}", "data.eval_fraction=0.5"],
+                           f"{bad}: no evaluation items left (skipped 2 of 2 records"),
+                          ([f"data.train={path}", "data.eval_fraction=0.9"],
+                           f"{path}: data.eval_fraction=0.9 of its 4 items leaves nothing to train on")):
+        code, out, err = _run(capsys, ["dpo", *FAST, *data, "data.on_invalid=skip", "train.max_steps=1",
+                                       f"run.dir={tmp_path / 'r2'}"])
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "r2").exists()
 
 
 def test_missing_data_file_and_bad_model_spec(tmp_path, capsys):

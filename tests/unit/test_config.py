@@ -149,6 +149,21 @@ def test_prompt_budget_must_leave_room_for_responses():
     assert load_config(overrides=["data.max_length=64", "data.max_prompt_tokens=63"]).data.max_length == 64
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.eval_batch_size=0", "'train.eval_batch_size' must be >= 1"),  # was a traceback at the final eval
+    ("train.keep_checkpoints=0", "'train.keep_checkpoints' must be >= 1"),  # silently kept every checkpoint
+    ("train.warmup_steps=-5", "'train.warmup_steps' must be >= 0"),  # silently meant no warm-up
+])
+def test_train_settings_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+    from preftune.recipes.ppo import load_ppo_config
+
+    if "keep_checkpoints" in override:
+        with pytest.raises(ConfigError, match=message):
+            load_ppo_config(overrides=[override])
+
+
 def test_label_smoothing_range():
     # Catches: cDPO label smoothing >= 0.5 accepted (it flips which response the loss prefers).
     with pytest.raises(ConfigError, match="dpo.label_smoothing"):

@@ -70,10 +70,18 @@ def load_splits(cfg: Config, read, tokenize, tokenizer, summary: dict | None = N
     if not d.train:
         raise InputError("no training data: set data.train=PATH")
     files: dict[str, dict] = {}
-    out = [load_file(cfg, path, read, tokenize, tokenizer, files.setdefault(name, {}))[0] if path else []
-           for name, path in (("train", d.train), ("eval", d.eval))]
-    train, evals = out
-    if not evals and d.eval_fraction > 0:
+    loaded = {name: load_file(cfg, path, read, tokenize, tokenizer, files.setdefault(name, {})) if path else ([], None)
+              for name, path in (("train", d.train), ("eval", d.eval))}
+    (train, train_report), (evals, eval_report) = loaded["train"], loaded["eval"]
+    for path, items, report, what in ((d.train, train, train_report, "training"), (d.eval, evals, eval_report,
+                                                                                   "evaluation")):
+        if path and not items:  # never trained or evaluated on nothing, nor on another split in its place
+            raise InputError(f"{path}: no {what} items left ({report.summary() if report.skipped else 'empty'})")
+    if not d.eval and d.eval_fraction > 0:
+        n_eval = max(1, int(round(d.eval_fraction * len(train))))
+        if n_eval >= len(train):
+            raise InputError(f"{d.train}: data.eval_fraction={d.eval_fraction} of its {len(train)} items leaves "
+                             "nothing to train on (lower it, or give data.eval)")
         train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
     if summary is not None:
         summary.update(files={k: v for k, v in files.items() if v}, train_items=len(train), eval_items=len(evals),

@@ -64,6 +64,9 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
     held_out = not cfg.data.eval and cfg.data.eval_fraction > 0
     if held_out:  # the pairs a training run with this config held out of data.train (the same split)
         items = split_eval(items, cfg.data.eval_fraction, cfg.train.seed)[1]
+    if not items:
+        why = report.summary() if report.skipped else "data.eval_fraction holds out none" if held_out else "empty"
+        raise InputError(f"{path}: no pairs to evaluate ({why})")
     device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     reference = None
@@ -76,7 +79,8 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
     metrics = evaluate_pairs(policy, reference, loss_fn, items, tokenizer.pad_token_id, cfg.train.eval_batch_size,
                              device, cfg.dpo.sft_weight, precision)
     result = {"model": cfg.model, "ref_model": ref_spec, "reference_mode": mode, "data": str(path),
-              **({"held_out_fraction": cfg.data.eval_fraction} if held_out else {}), "pairs": len(items), "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
+              **({"held_out_fraction": cfg.data.eval_fraction} if held_out else {}), "pairs": len(items),
+              "skipped": report.skipped, **{f"eval/{k}": v for k, v in metrics.items()}}
     if out:
         Path(out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

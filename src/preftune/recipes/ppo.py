@@ -72,6 +72,8 @@ def check_config(cfg: PPORunConfig) -> None:
     check_ppo_settings(cfg.ppo)
     if cfg.train.max_skipped_steps < 0:
         raise ConfigError(f"config key 'train.max_skipped_steps' must be >= 0, got {cfg.train.max_skipped_steps}")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError(f"config key 'train.keep_checkpoints' must be >= 1, got {cfg.train.keep_checkpoints}")
 
 
 def load_ppo_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PPORunConfig:

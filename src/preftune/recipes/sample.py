@@ -34,6 +34,15 @@ def run(*, model: str, prompts: str, out: str, num_samples: int = 1, temperature
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.train.runtime import pick_device
 
+    from preftune.errors import InputError
+
+    for name, value, ok, rule in (("--num-samples", num_samples, num_samples >= 1, ">= 1"),
+                                  ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+                                  ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
+                                  ("--temperature", temperature, temperature >= 0, ">= 0 (0 is greedy)"),
+                                  ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]")):
+        if not ok:  # a negative temperature was greedy decoding, --num-samples 0 an empty file
+            raise InputError(f"{name} {value}: must be {rule}")
     rows = read_prompts(prompts)
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model, seed=seed).to(pick_device())
