@@ -256,8 +256,13 @@ UNREAD = [
     (["winrate", "dpo.label_smoothing=0.1"], "config key 'dpo.label_smoothing': preftune winrate does not read it"),
     (["winrate", "ref_model=tiny"], "config key 'ref_model': preftune winrate does not read it"),
     (["demo", "data.train=x.jsonl"], "config key 'data.train': preftune demo does not read it"),
+    (["demo", "demo.pairs_per_prompt=3"], "config key 'demo.pairs_per_prompt': 3 pairs a prompt need 6 samples, "
+                                          "demo.samples_per_prompt is 4"),
+    (["frontier", "frontier.samples_per_prompt=3"], "config key 'frontier.pairs_per_prompt': 2 pairs a prompt need"),
     (["sft", "train.layout=packed"], "config key 'train.layout': SFT trains on padded rows"),
     (["sft", "data.max_pairs_per_prompt=2"], "config key 'data.max_pairs_per_prompt': preftune sft does not read"),
+    (["dpo", "lora.r=8"], "config key 'lora.r': preftune dpo does not read it (lora.enabled is false"),
+    (["sft", "lora.target_modules=q_proj"], "config key 'lora.target_modules': preftune sft does not read it"),
     (["dpo", "dpo.loss=simpo", "reference.mode=none", "ref_model=other"],
      "config key 'ref_model': loss 'simpo' is reference-free and reads no reference"),
 ]

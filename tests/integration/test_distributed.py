@@ -305,6 +305,9 @@ def test_sharding_refuses_what_it_does_not_cover_yet(tmp_path, pairs_file):
         assert "exitcode  : 2" in multi.stderr
     single = _run(SHARDED + [f"data.train={pairs_file}", "train.sharding=fsdp2", f"run.dir={tmp_path / 'one'}"], 1)
     assert single.returncode == 2 and "shards across several processes" in single.stderr
+    # an explicit device the processes would not run on (it trained on the CPU and exited 0)
+    multi = _run(SHARDED + [f"data.train={pairs_file}", "train.device=cuda:1", f"run.dir={tmp_path / 'dev'}"], 2)
+    assert multi.returncode != 0 and multi.stderr.count("config key 'train.device': 'cuda:1' under several") == 2
     assert "Traceback" not in single.stderr
 
 

@@ -45,6 +45,17 @@ def demo_prompts(d: DemoSettings, seed: int) -> tuple[list[str], list[str]]:
     return split_prompts(prompts, d.heldout_prompts / n, seed=seed)
 
 
+def check_pairing(d: DemoSettings, section: str) -> None:
+    """Each sample is in at most one pair (best with worst, ...): ``pairs_per_prompt`` needs twice as many samples.
+    Refused when it cannot be met, rather than quietly capped."""
+    from preftune.errors import ConfigError
+
+    if not 1 <= d.pairs_per_prompt <= d.samples_per_prompt // 2:
+        raise ConfigError(f"config key '{section}.pairs_per_prompt': {d.pairs_per_prompt} pairs a prompt need "
+                          f"{2 * d.pairs_per_prompt} samples, {section}.samples_per_prompt is {d.samples_per_prompt} "
+                          "(each sample is in one pair)")
+
+
 def build_pairs(samples: list[Sample], scores: list[float], tokenizer, settings: DemoSettings) -> list[dict]:
     """Per prompt: rank its samples by oracle score and pair best with worst, 2nd best with 2nd worst...
     The response text keeps a generated EOS token literally, so training sees exactly the sampled tokens."""

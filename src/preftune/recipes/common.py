@@ -109,6 +109,17 @@ def refuse_unread(cfg: Any, command: str, keys: dict[str, str]) -> None:
             raise ConfigError(f"config key '{changed[0]}': preftune {command} does not read it ({why}); remove it")
 
 
+def refuse_idle_lora_settings(cfg: Any, command: str, adapter: bool = False) -> None:
+    """``lora.*`` beyond ``enabled`` shape an adapter, which a run trains only under ``lora.enabled=true`` (or DPO's
+    adapter reference): set otherwise, they are refused rather than a full fine-tune run in their place."""
+    import dataclasses
+
+    if not cfg.lora.enabled and not adapter:
+        why = "lora.enabled is false: the run trains every weight; set lora.enabled=true for an adapter"
+        refuse_unread(cfg, command, {f"lora.{f.name}": why for f in dataclasses.fields(cfg.lora)
+                                     if f.name != "enabled"})
+
+
 def register_training(sub, name: str, *, help: str, description: str, config: type, run: Callable, epilog: str = "",
                       check: Callable[[Any], None] | None = None) -> None:
     """A training command's sub-command: ``[CONFIG.yaml] key=value ... [--resume RUN_DIR]``, the config built by

@@ -89,13 +89,14 @@ def run(cfg: DemoConfig, *, out: str | None = None) -> dict:
     from preftune.eval.plots import plot_demo
     from preftune.eval.sampling import generate
     from preftune.eval.scorers import SentimentOracle, VaderScorer
-    from preftune.eval.sentiment_task import build_pairs, demo_prompts
+    from preftune.eval.sentiment_task import build_pairs, check_pairing, demo_prompts
     from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
     from preftune.recipes.dpo import run as run_dpo
     from preftune.train.runtime import setup_threads
 
     why = "the demo trains on the pairs it builds from its own samples (demo.* sets how many)"
     refuse_unread(cfg, "demo", {"data.train": why, "data.eval": why})
+    check_pairing(cfg.demo, "demo")
     run_dir = Path(out or cfg.run.dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(run_dir)

@@ -6,7 +6,7 @@ import functools
 import logging
 
 from preftune.config import Config
-from preftune.recipes.common import finish_policy_run, register_training, start_training_run
+from preftune.recipes.common import finish_policy_run, refuse_idle_lora_settings, register_training, start_training_run
 
 log = logging.getLogger(__name__)
 HELP = "train a policy on preference pairs with DPO"
@@ -32,7 +32,8 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
 
     setup_threads(cfg)
     loss_fn = loss_from_config(cfg)
-    resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
+    mode = resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
+    refuse_idle_lora_settings(cfg, "dpo", adapter=mode == "adapter")
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

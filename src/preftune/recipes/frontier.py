@@ -273,7 +273,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     from preftune.eval.heldout import HeldOut, evaluate_policy, full_text
     from preftune.eval.plots import plot_frontier
     from preftune.eval.scorers import SentimentOracle
-    from preftune.eval.sentiment_task import build_pairs, demo_prompts
+    from preftune.eval.sentiment_task import build_pairs, check_pairing, demo_prompts
     from preftune.models.load import load_reference, load_tokenizer
     from preftune.recipes.dpo import run as run_dpo
     from preftune.recipes.sft import SFTRunConfig, run as run_sft
@@ -285,6 +285,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
         "ref_model": "`model` is every arm's start and reference, and samples the pairs and the KL",
         "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used",
         "frontier.temperature": "samples are drawn at temperature 1, which the KL estimate needs"})
+    check_pairing(cfg.frontier, "frontier")
     f = cfg.frontier
     root = Path(out or cfg.run.dir or f"runs/frontier-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)

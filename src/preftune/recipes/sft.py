@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from preftune.config import DataConfig, LoRAConfig, RunConfig, TrainConfig
-from preftune.recipes.common import finish_policy_run, refuse_unread, register_training, start_training_run
+from preftune.recipes.common import (finish_policy_run, refuse_idle_lora_settings, refuse_unread, register_training,
+                                     start_training_run)
 
 log = logging.getLogger(__name__)
 HELP = "supervised fine-tuning on completions (Preferred-FT on pairs' chosen)"
@@ -41,6 +42,7 @@ def check_config(cfg: SFTRunConfig) -> None:
     if cfg.train.layout not in ("auto", "padded"):  # prefix sharing and packing are DPO's row layouts
         raise ConfigError("config key 'train.layout': SFT trains on padded rows, one per example (auto or padded)")
     refuse_unread(cfg, "sft", {"data.max_pairs_per_prompt": "it trains on one completion per record"})
+    refuse_idle_lora_settings(cfg, "sft")
 
 
 def register(sub) -> None:

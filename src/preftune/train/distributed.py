@@ -133,6 +133,13 @@ class Processes:
         sharding = resolve_sharding(sharding)
         if world_size() <= 1:
             return cls(None)
+        from preftune.errors import ConfigError
+
+        if device_setting not in ("auto", "cpu", "cuda") or (device_setting == "cuda"
+                                                             and not torch.cuda.is_available()):
+            # not silently another device: accelerate gives each process its own (a CPU, or the next CUDA GPU)
+            raise ConfigError(f"config key 'train.device': {device_setting!r} under several processes: each process "
+                              "takes its own device; use auto, cpu or cuda (on a machine with CUDA GPUs)")
         from datetime import timedelta
 
         from accelerate import Accelerator
