@@ -46,12 +46,27 @@ def test_inspect_reports_the_file_and_shows_items_token_by_token(data, capsys, n
     assert f"a run with data.on_invalid=error stops at the first: {data}:4: field 'chosen'" in text
     # the conversation's prompt (SmolLM2's template adds a system turn) and the 41-token one keep their last 16
     assert "truncated: 2 prompts kept their last tokens, 2 responses cut" in text
-    assert f"chosen == rejected (became): 1, first {data}:5 (no training signal)" in text
+    assert f"chosen == rejected (became): 1, first {data}:5 (no training signal: a run stops there" in text
     # the prompt (masked) and each response (trained) with its special tokens: the boundary and EOS visible
     assert "  prompt       3 tokens (masked) |The movie was|" in text
     assert "  chosen       3 tokens (trained; ends with EOS) | wonderful.<|im_end|>|" in text
     assert "(conversation)" in text and "<|im_start|>user\\nHi there<|im_end|>" in text
     assert "tokens (masked, cut from 41)" in text  # the long prompt: kept its last 16 tokens
+
+
+def test_a_run_stops_at_or_skips_a_pair_that_truncation_made_identical(tmp_path, capsys, caplog):
+    """What inspect warns of, a run does: the pair is a located error, or skipped and counted (it would train on
+    nothing and still count in the loss mean and the accuracy)."""
+    rows = [ROWS[0], {"prompt": "Tell me a story.", "chosen": " Once upon a time a brave knight rode out and won.",
+                      "rejected": " Once upon a time a brave knight rode out and lost."}]
+    path = write_jsonl(tmp_path / "cut.jsonl", rows)
+    args = ["dpo", "model=tiny", f"data.train={path}", "data.max_length=12", "train.max_steps=1",
+            "train.precision=fp32", "train.progress=false"]
+    assert main([*args, f"run.dir={tmp_path / 'a'}"]) == 2
+    assert (f"{path}:2: field 'rejected': identical to chosen once tokenised and cut to data.max_length=12 (no "
+            "training signal) (raise data.max_length, or data.on_invalid=skip") in capsys.readouterr().err
+    assert main([*args, "data.on_invalid=skip", f"run.dir={tmp_path / 'b'}"]) == 0
+    assert "skipped 1 of 2 records: 1 × chosen and rejected tokens identical after truncation" in caplog.text
 
 
 def test_inspect_json_and_the_config_command(tmp_path, data, capsys, no_weights):

@@ -11,7 +11,7 @@ from preftune.config import Config
 from preftune.data.records import read_preference_pairs, read_sft_examples
 from preftune.data.tokenize import (TokenizedExample, TokenizedPair, TruncationStats, tokenize_example,
                                     tokenize_pair)
-from preftune.errors import InputError
+from preftune.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ def load_file(cfg: Config, path: str, read, tokenize, tokenizer, summary: dict |
     (and put them into ``summary``, with the file's SHA-256). Returns (tokenised items, SkipReport)."""
     d = cfg.data
     records, report = read(path)
+    stats = TruncationStats()
+    items = _without_identical_pairs(
+        [tokenize(tokenizer, r, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
+                  prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for r in records], cfg, report)
     if report.skipped:
         log.warning("%s: %s", path, report.summary())
-    stats = TruncationStats()
-    items = [tokenize(tokenizer, r, max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens,
-                      prompt_overflow=d.prompt_overflow, append_eos=d.append_eos, stats=stats) for r in records]
     if stats.prompts_truncated or stats.responses_truncated:
         log.warning("%s: %s", path, stats.summary())
     if summary is not None:
@@ -45,6 +46,26 @@ def load_file(cfg: Config, path: str, read, tokenize, tokenizer, summary: dict |
                        skipped=report.skipped, skip_reasons=dict(report.reasons),
                        prompts_truncated=stats.prompts_truncated, responses_truncated=stats.responses_truncated)
     return items, report
+
+
+def _without_identical_pairs(items: list, cfg: Config, report) -> list:
+    """Pairs whose chosen and rejected tokens are the same once tokenised and cut to ``data.max_length`` (responses
+    that differ only past the cut) carry no training signal but would count in the loss mean and the accuracy: a
+    located error, or under ``on_invalid=skip`` skipped and counted like any invalid record."""
+    kept = []
+    for item in items:
+        if not isinstance(item, TokenizedPair) or item.chosen_ids != item.rejected_ids:
+            kept.append(item)
+            continue
+        file, _, line = item.source.rpartition(":")
+        err = DataError(file, int(line) if line.isdigit() else None, "rejected",
+                        f"identical to chosen once tokenised and cut to data.max_length={cfg.data.max_length} "
+                        "(no training signal)", reason="chosen and rejected tokens identical after truncation")
+        if cfg.data.on_invalid != "skip":
+            err.hint = "raise data.max_length, or data.on_invalid=skip skips such pairs"
+            raise err
+        report.add(err)
+    return kept
 
 
 def file_sha256(path: str) -> str | None:

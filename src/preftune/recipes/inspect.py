@@ -201,7 +201,7 @@ def _render_file(f: dict[str, Any], on_invalid: str) -> list[str]:
     for how, sources in same.items():
         if sources:
             out.append(f"chosen == rejected ({how.replace('_', ' ')}): {len(sources)}, first {sources[0]} "
-                       "(no training signal)")
+                       "(no training signal: a run stops there, or skips them under data.on_invalid=skip)")
     if f["lengths"]:
         out.append(f"{'tokens':<10}{'min':>6}{'p50':>6}{'p90':>6}{'p99':>6}{'max':>6}")
         for name, p in f["lengths"].items():
