@@ -176,3 +176,26 @@ def test_weights_identity_of_an_adapter_covers_its_base(tmp_path):
     assert weights_identity(str(adapter), 0) == before  # stable
     (base / "model.safetensors").write_bytes(b"base weights v2")
     assert weights_identity(str(adapter), 0) != before
+
+
+def test_a_reference_with_another_tokenizer_is_refused(tmp_path, pairs_file, capsys):
+    """The reference scores the policy's token ids: a reference whose tokenizer gives those tokens other ids
+    would compare different text. Refused by dpo, eval and ppo before any weights load."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from preftune.models.load import load_causal_lm
+
+    other = tmp_path / "other"
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "movie": 1, "film": 2}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<unk>").save_pretrained(other)
+    load_causal_lm("tiny").save_pretrained(other)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The movie was"}\n', encoding="utf-8")
+    for argv in (["dpo", f"data.train={pairs_file}", f"run.dir={tmp_path / 'run'}"],
+                 ["eval", f"data.eval={pairs_file}"],
+                 ["ppo", "ppo.scorer=vader", f"ppo.prompts={prompts}", f"run.dir={tmp_path / 'ppo'}"]):
+        assert main([*argv, "model=tiny", f"ref_model={other}", "train.precision=fp32"]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"ref_model {other}: its tokenizer gives" in err and "must share the policy's tokenizer" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ppo").exists()

@@ -211,6 +211,21 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_reference_tokenizer(tokenizer, ref_spec: str, model_spec: str, *, trust_remote_code: bool = False) -> None:
+    """A reference scores the ids the policy's tokenizer makes: every token of that tokenizer must have the same id
+    in the reference's own, or the log-ratios compare different text (silently when the vocabularies are the same
+    size). Checked before any weights load; a reference named as the policy itself needs no check."""
+    if ref_spec == model_spec:
+        return
+    ours = tokenizer.get_vocab()
+    theirs = load_tokenizer(ref_spec, trust_remote_code=trust_remote_code).get_vocab()
+    moved = [t for t, i in ours.items() if theirs.get(t) != i]
+    if moved:
+        raise ModelSpecError(f"ref_model {ref_spec}: its tokenizer gives {len(moved)} of the {len(ours)} tokens of "
+                             f"{model_spec}'s another id (e.g. {moved[0]!r}); the reference must share the policy's "
+                             "tokenizer")
+
+
 def tiny_config(vocab_size: int, *, bos_token_id: int | None, eos_token_id: int | None):
     from transformers import LlamaConfig
 

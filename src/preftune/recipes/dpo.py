@@ -21,7 +21,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     from preftune.data.collate import pair_collator
     from preftune.data.splits import load_tokenized_pairs
-    from preftune.models.load import load_tokenizer
+    from preftune.models.load import check_reference_tokenizer, load_tokenizer
     from preftune.models.logprobs import LogpsModule
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.layout import resolve_layout
@@ -37,6 +37,9 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if mode in ("model", "precomputed"):
+        check_reference_tokenizer(tokenizer, cfg.ref_model or cfg.model, cfg.model,
+                                  trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items, run_dir = start_training_run(cfg, procs, "dpo", resume, load_tokenized_pairs, tokenizer)
     device = pick_device(cfg, procs)
     precision = resolve_precision(cfg, device)

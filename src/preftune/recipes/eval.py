@@ -46,7 +46,7 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
                           "tracker: remove it")
     from preftune.data.splits import load_file, pair_reader, split_eval
     from preftune.data.tokenize import tokenize_pair
-    from preftune.models.load import load_causal_lm, load_tokenizer
+    from preftune.models.load import check_reference_tokenizer, load_causal_lm, load_tokenizer
     from preftune.models.reference import FrozenReference, PrecomputedReference
     from preftune.train.objectives import evaluate_pairs, loss_from_config
     from preftune.train.policy import precompute_reference, reference_loader, resolve_reference_mode
@@ -60,6 +60,8 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
     mode = resolve_reference_mode(cfg, loss_fn)
     ref_spec = reference_spec(cfg, mode)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if mode in ("model", "precomputed"):
+        check_reference_tokenizer(tokenizer, ref_spec, cfg.model, trust_remote_code=cfg.trust_remote_code)
     items, report = load_file(cfg, path, pair_reader(cfg), tokenize_pair, tokenizer)
     held_out = not cfg.data.eval and cfg.data.eval_fraction > 0
     if held_out:  # the pairs a training run with this config held out of data.train (the same split)

@@ -156,6 +156,11 @@ def run(cfg: PPORunConfig, *, resume: bool = False, eval_hook: EvalHook | None =
     s = cfg.ppo
     procs = _processes(cfg)
     scorer = _resolve_scorer(cfg, scorer)
+    if cfg.ref_model not in (None, cfg.model):  # before the run directory: nothing written for a refused run
+        from preftune.models.load import check_reference_tokenizer, load_tokenizer
+
+        check_reference_tokenizer(load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code), cfg.ref_model,
+                                  cfg.model, trust_remote_code=cfg.trust_remote_code)
     run_dir = procs.run_dir(cfg, "ppo", resume)
     prompts = _prompts(cfg, procs, run_dir, prompts, resume)
     open_trackers(cfg, run_dir, procs)
