@@ -256,6 +256,9 @@ UNREAD = [
     (["winrate", "dpo.label_smoothing=0.1"], "config key 'dpo.label_smoothing': preftune winrate does not read it"),
     (["winrate", "ref_model=tiny"], "config key 'ref_model': preftune winrate does not read it"),
     (["demo", "data.train=x.jsonl"], "config key 'data.train': preftune demo does not read it"),
+    (["demo", "lora.r=4"], "config key 'lora.r': preftune demo does not read it (lora.enabled is false"),
+    (["frontier", "data.train=x.jsonl"], "config key 'data.train': preftune frontier does not read it"),
+    (["winrate", "judge.mode=text"], "config key 'judge.mode' applies to an endpoint judge, not to a reward-model"),
     (["demo", "demo.pairs_per_prompt=3"], "config key 'demo.pairs_per_prompt': 3 pairs a prompt need 6 samples, "
                                           "demo.samples_per_prompt is 4"),
     (["frontier", "frontier.samples_per_prompt=3"], "config key 'frontier.pairs_per_prompt': 2 pairs a prompt need"),

@@ -16,7 +16,7 @@ def test_frontier_quick_on_tiny(tmp_path, capsys, caplog):
                  "frontier.samples_per_prompt=2", "frontier.pairs_per_prompt=1", "frontier.min_score_gap=0",
                  "frontier.max_new_tokens=6", "frontier.dpo_steps=4", "frontier.sft_steps=4",
                  "frontier.reward_steps=4", "frontier.ppo_iterations=2", "frontier.ppo_batch_size=4",
-                 "frontier.best_of_n=2,4"]
+                 "frontier.best_of_n=2,4", "train.layout=prefix_shared"]  # DPO's layout: the SFT arm pads
     assert main(args) == 0
     result = json.loads((out / "frontier.json").read_text())
     points = result["points"]

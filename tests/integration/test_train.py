@@ -242,7 +242,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, pairs_file, command)
     from preftune.recipes import dpo, reward, sft
 
     recipe = {"dpo": dpo, "sft": sft, "reward": reward}[command]
-    base = reward.RewardRunConfig() if command == "reward" else None
+    base = {"dpo": None, "sft": sft.SFTRunConfig(), "reward": reward.RewardRunConfig()}[command]
     graphs = {}
     for compiled in (False, True):
         torch._dynamo.reset()

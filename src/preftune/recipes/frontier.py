@@ -115,6 +115,10 @@ def _ppo_points(method: str, setting: str, run_dir: Path) -> list[dict]:
             for step, r in sorted(rows.items())]
 
 
+# DPO settings of the shared data/train sections that an SFT arm cannot take (sft refuses them): padded rows
+SFT_ARM = ("train.layout=padded", "data.max_pairs_per_prompt=null")
+
+
 def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base) -> object:
     """A run's config (``base``: the command's own, e.g. ``SFTRunConfig()``): the frontier's model, and its data and
     train sections where the command reads them, plus ``overrides``."""
@@ -284,6 +288,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
         "reference": "every arm is held against `model`, a frozen copy", "lora": "its arms train every weight",
         "ref_model": "`model` is every arm's start and reference, and samples the pairs and the KL",
         "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used",
+        "data.train": "it trains on the pairs it builds", "data.eval": "it evaluates on held-out prompts",
         "frontier.temperature": "samples are drawn at temperature 1, which the KL estimate needs"})
     check_pairing(cfg.frontier, "frontier")
     f = cfg.frontier
@@ -310,7 +315,7 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     if f.preferred_ft:
         points += arms.supervised("Preferred-FT", "-", "preferred-ft", run_sft, SFTRunConfig(),
                                   [f"train.max_steps={f.sft_steps}", "train.optimizer=adamw",
-                                   f"train.save_every={arms.every(f.sft_steps)}"], {"steps": f.sft_steps})
+                                   f"train.save_every={arms.every(f.sft_steps)}", *SFT_ARM], {"steps": f.sft_steps})
     rm_result, rm_key = arms.reward_model() if _floats(f.ppo_kl_coefs) or _ints(f.best_of_n) else ({"eval": {}}, None)
     rm_path = f"rm:{rm_result.get('reward_model')}"
     iterations = f.ppo_iterations or max(1, math.ceil(arms.sample_budget / f.ppo_batch_size))

@@ -20,6 +20,7 @@ Writes ``winrate.json``, ``judge_card.json``, ``comparisons.jsonl``, ``judgments
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, config_help
-from preftune.eval.judges import JudgeSettings
+from preftune.eval.judges import JudgeSettings, check_judge_settings
 from preftune.recipes.common import refuse_unread, register_experiment
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     """Every stage of the module docstring; returns winrate.json's content."""
     from preftune.data.records import write_jsonl
     from preftune.eval.judges import JudgmentCache, build_judge
+    from preftune.recipes.frontier import SFT_ARM
     from preftune.eval.plots import plot_winrate
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.recipes.dpo import run as run_dpo
@@ -284,7 +286,10 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
         "dpo": "its DPO arms use the sigmoid loss at each beta of winrate.dpo_betas",
         "reference": "every arm is held against the Preferred-FT policy, a frozen copy",
         "lora": "its arms train every weight", "ref_model": "every arm's reference is the Preferred-FT policy",
-        "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used"})
+        "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used",
+        "data.train": "it reads winrate.data", "data.eval": "it holds out its own test prompts"})
+    # the judge is checked now, not after every arm has trained (unset: the judge reward model it trains)
+    check_judge_settings(dataclasses.replace(cfg.judge, spec=cfg.judge.spec or "rm:(the judge reward model)"))
     w = cfg.winrate
     root = Path(out or cfg.run.dir or f"runs/winrate-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)
@@ -293,7 +298,7 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     split, sizes = _splits(cfg, root)
     exp = _Experiment(cfg, root, split, load_tokenizer(cfg.model))
     train = [f"data.train={root / 'train.jsonl'}"]
-    sft = exp.train_run("preferred-ft", run_sft, SFTRunConfig(), train + [f"train.max_steps={w.sft_steps}"],
+    sft = exp.train_run("preferred-ft", run_sft, SFTRunConfig(), train + [f"train.max_steps={w.sft_steps}", *SFT_ARM],
                         {"steps": w.sft_steps}, after=lambda d: {"samples": exp.all_temperatures(
                             load_causal_lm(str(d / "policy")))})
     sft_policy = sft["result"]["run_dir"] + "/policy"
