@@ -159,6 +159,7 @@ def _installed(name: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # the suite's time (20 s); the refusals and the recorded allocator stay in make test
 @pytest.mark.skipif(not _installed("tcmalloc"), reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
 def test_bench_preloads_the_asked_allocator_in_every_child(tmp_path, capsys):
     out = tmp_path / "bench.json"
