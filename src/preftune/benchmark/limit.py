@@ -179,8 +179,9 @@ def step_limit(config, batches: list[list[tuple[int, int, int]]], layout: str, *
                 timed[(m, k, n, kind)] = time_matmul(m, k, n, kind)
             parts[f"{where}_matmuls_s"] += count * timed[(m, k, n, kind)] / len(batches)
         rows, length = rows_of(batch, layout)
-        layer = time_attention(rows, length, shapes, dtype, True) + (reference + recompute) * (
-            time_attention(rows, length, shapes, dtype, False) if reference or recompute else 0.0)
+        forwards = reference + recompute  # forward-only passes: the reference's, the recomputed one
+        layer = time_attention(rows, length, shapes, dtype, True) + (
+            forwards * time_attention(rows, length, shapes, dtype, False) if forwards else 0.0)
         parts["attention_s"] += shapes.layers * layer / len(batches)
     bandwidth = stream_bandwidth()
     parts["optimizer_s"] = TRAFFIC_BYTES[optimizer] * n_params / bandwidth

@@ -94,8 +94,9 @@ def _measured_limit(job: dict, cfg, layout: str) -> dict | None:
     from preftune.train.objectives import loss_from_config
     from preftune.train.policy import resolve_reference_mode
 
-    if unmodelled(cfg):
-        print(f"the step's limit is not measured under {', '.join(unmodelled(cfg))}: it models full fine-tuning "
+    unmodelled_here = unmodelled(cfg)
+    if unmodelled_here:
+        print(f"the step's limit is not measured under {', '.join(unmodelled_here)}: it models full fine-tuning "
               "with a reference of its own, precomputed or none", file=sys.stderr)
         return None
     live_reference = resolve_reference_mode(cfg, loss_from_config(cfg)) == "model"  # not precomputed, not loss-free

@@ -16,21 +16,28 @@ from preftune.errors import DataError, InputError
 log = logging.getLogger(__name__)
 
 
-def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out a deterministic ``fraction`` of ``items`` for evaluation."""
-    if fraction <= 0 or len(items) < 2:
+def split_eval(items: list, fraction: float, seed: int, source: str = "data.train") -> tuple[list, list]:
+    """Hold out a deterministic ``fraction`` of ``items`` (read from ``source``) for evaluation: at least one, and
+    never all of them (an InputError)."""
+    if fraction <= 0:
         return items, []
+    n_eval = max(1, int(round(fraction * len(items))))
+    if n_eval >= len(items):
+        raise InputError(f"{source}: data.eval_fraction={fraction} of its {len(items)} items leaves nothing to train "
+                         "on (lower it, or give data.eval)")
     gen = torch.Generator().manual_seed(seed + 17)
     perm = torch.randperm(len(items), generator=gen).tolist()
-    n_eval = max(1, int(round(fraction * len(items))))
     held = set(perm[:n_eval])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def load_file(cfg: Config, path: str, read, tokenize, tokenizer, summary: dict | None = None) -> tuple[list, object]:
+def load_file(cfg: Config, path: str, read, tokenize, tokenizer, summary: dict | None = None, *,
+              role: str = "training") -> tuple[list, object]:
     """Read, validate and tokenise one data file with ``read(path) -> (records, SkipReport)`` and
     ``tokenize(tokenizer, record, **limits)`` under ``cfg.data``'s limits; log skipped records and truncation
-    (and put them into ``summary``, with the file's SHA-256). Returns (tokenised items, SkipReport)."""
+    (and put them into ``summary``, with the file's SHA-256). Returns (tokenised items, SkipReport); a file with
+    no item left is an InputError naming its ``role`` (training, evaluation): never a run on nothing, nor on
+    another split in its place."""
     d = cfg.data
     records, report = read(path)
     stats = TruncationStats()
@@ -41,6 +48,8 @@ def load_file(cfg: Config, path: str, read, tokenize, tokenizer, summary: dict |
         log.warning("%s: %s", path, report.summary())
     if stats.prompts_truncated or stats.responses_truncated:
         log.warning("%s: %s", path, stats.summary())
+    if not items:
+        raise InputError(f"{path}: no {role} items left ({report.summary() if report.skipped else 'empty'})")
     if summary is not None:
         summary.update(path=str(path), sha256=file_sha256(path), records_read=report.total, items=len(items),
                        skipped=report.skipped, skip_reasons=dict(report.reasons),
@@ -91,19 +100,11 @@ def load_splits(cfg: Config, read, tokenize, tokenizer, summary: dict | None = N
     if not d.train:
         raise InputError("no training data: set data.train=PATH")
     files: dict[str, dict] = {}
-    loaded = {name: load_file(cfg, path, read, tokenize, tokenizer, files.setdefault(name, {})) if path else ([], None)
-              for name, path in (("train", d.train), ("eval", d.eval))}
-    (train, train_report), (evals, eval_report) = loaded["train"], loaded["eval"]
-    for path, items, report, what in ((d.train, train, train_report, "training"), (d.eval, evals, eval_report,
-                                                                                   "evaluation")):
-        if path and not items:  # never trained or evaluated on nothing, nor on another split in its place
-            raise InputError(f"{path}: no {what} items left ({report.summary() if report.skipped else 'empty'})")
+    train = load_file(cfg, d.train, read, tokenize, tokenizer, files.setdefault("train", {}))[0]
+    evals = (load_file(cfg, d.eval, read, tokenize, tokenizer, files.setdefault("eval", {}), role="evaluation")[0]
+             if d.eval else [])
     if not d.eval and d.eval_fraction > 0:
-        n_eval = max(1, int(round(d.eval_fraction * len(train))))
-        if n_eval >= len(train):
-            raise InputError(f"{d.train}: data.eval_fraction={d.eval_fraction} of its {len(train)} items leaves "
-                             "nothing to train on (lower it, or give data.eval)")
-        train, evals = split_eval(train, d.eval_fraction, cfg.train.seed)
+        train, evals = split_eval(train, d.eval_fraction, cfg.train.seed, source=d.train)
     if summary is not None:
         summary.update(files={k: v for k, v in files.items() if v}, train_items=len(train), eval_items=len(evals),
                        eval_held_out_of_train=bool(evals) and not d.eval)

@@ -109,6 +109,16 @@ def refuse_unread(cfg: Any, command: str, keys: dict[str, str]) -> None:
             raise ConfigError(f"config key '{changed[0]}': preftune {command} does not read it ({why}); remove it")
 
 
+def refuse_what_the_arms_do_not_take(cfg: Any, command: str, reference: str, more: dict[str, str]) -> None:
+    """An experiment's (frontier, winrate) refusals: keys of the training config its arms share that no arm takes
+    (the arms set their own loss, reference and sections), plus the experiment's ``more``."""
+    refuse_unread(cfg, command, {
+        "dpo": f"its DPO arms use the sigmoid loss at each beta of {command}.dpo_betas",
+        "reference": f"every arm is held against {reference}, a frozen copy", "lora": "its arms train every weight",
+        "ref_model": f"every arm's reference is {reference}", "run.report_to": "its runs report to no tracker",
+        "train.save_final": "its arms' final models are used", **more})
+
+
 def refuse_idle_lora_settings(cfg: Any, command: str, adapter: bool = False) -> None:
     """``lora.*`` beyond ``enabled`` shape an adapter, which a run trains only under ``lora.enabled=true`` (or DPO's
     adapter reference): set otherwise, they are refused rather than a full fine-tune run in their place."""

@@ -21,7 +21,7 @@ from typing import ClassVar
 from preftune.config import Config, DataConfig, DPOConfig, TrainConfig, config_help, load_config
 from preftune.errors import InputError
 from preftune.eval.sentiment_task import DemoSettings
-from preftune.recipes.common import refuse_idle_lora_settings, refuse_unread, register_experiment
+from preftune.recipes.common import refuse_unread, register_experiment
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,13 @@ def run(cfg: DemoConfig, *, out: str | None = None) -> dict:
     from preftune.eval.scorers import SentimentOracle, VaderScorer
     from preftune.eval.sentiment_task import build_pairs, check_pairing, demo_prompts
     from preftune.models.load import load_causal_lm, load_reference, load_tokenizer
-    from preftune.recipes.dpo import run as run_dpo
-    from preftune.train.objectives import loss_from_config
-    from preftune.train.policy import resolve_reference_mode
+    from preftune.recipes.dpo import check_config as check_dpo_config, run as run_dpo
     from preftune.train.runtime import setup_threads
 
     why = "the demo trains on the pairs it builds from its own samples (demo.* sets how many)"
     refuse_unread(cfg, "demo", {"data.train": why, "data.eval": why})
     check_pairing(cfg.demo, "demo")
-    # its DPO run's own checks, before the sampling rather than after it
-    mode = resolve_reference_mode(cfg, loss_from_config(cfg))
-    refuse_idle_lora_settings(cfg, "demo", adapter=mode == "adapter")
+    check_dpo_config(cfg, "demo")  # its DPO run's own checks, before the sampling rather than after it
     run_dir = Path(out or cfg.run.dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(run_dir)

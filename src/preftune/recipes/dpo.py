@@ -17,6 +17,18 @@ def register(sub) -> None:
     register_training(sub, "dpo", help=HELP, description=f"{HELP}.", config=Config, run=run)
 
 
+def check_config(cfg: Config, command: str = "dpo") -> tuple:
+    """Checked before anything loads (also by ``demo``, before it samples, for the DPO run it ends with): the loss,
+    the reference mode it resolves to, LoRA settings that would go unused. Returns (loss, reference mode)."""
+    from preftune.train.objectives import loss_from_config
+    from preftune.train.policy import resolve_reference_mode
+
+    loss_fn = loss_from_config(cfg)
+    mode = resolve_reference_mode(cfg, loss_fn)
+    refuse_idle_lora_settings(cfg, command, adapter=mode == "adapter")
+    return loss_fn, mode
+
+
 def run(cfg: Config, *, resume: bool = False) -> dict:
     """Train a policy with DPO (or a family member); returns a summary dict (run_dir, final metrics)."""
     from preftune.data.collate import pair_collator
@@ -26,14 +38,12 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.layout import resolve_layout
     from preftune.train.loop import fit
-    from preftune.train.objectives import dpo_step, evaluate_pairs, loss_from_config, pair_weight
-    from preftune.train.policy import build_policy_and_reference, resolve_reference_mode
+    from preftune.train.objectives import dpo_step, evaluate_pairs, pair_weight
+    from preftune.train.policy import build_policy_and_reference
     from preftune.train.runtime import pick_device, resolve_precision, setup_threads
 
     setup_threads(cfg)
-    loss_fn = loss_from_config(cfg)
-    mode = resolve_reference_mode(cfg, loss_fn)  # config errors before anything loads
-    refuse_idle_lora_settings(cfg, "dpo", adapter=mode == "adapter")
+    loss_fn, mode = check_config(cfg)
     procs = Processes.from_env(cfg.train.device, cfg.train.sharding)
     check_sharding(procs, cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

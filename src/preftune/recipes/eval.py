@@ -62,13 +62,10 @@ def run(cfg: Config, *, out: str | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if mode in ("model", "precomputed"):
         check_reference_tokenizer(tokenizer, ref_spec, cfg.model, trust_remote_code=cfg.trust_remote_code)
-    items, report = load_file(cfg, path, pair_reader(cfg), tokenize_pair, tokenizer)
+    items, report = load_file(cfg, path, pair_reader(cfg), tokenize_pair, tokenizer, role="evaluation")
     held_out = not cfg.data.eval and cfg.data.eval_fraction > 0
     if held_out:  # the pairs a training run with this config held out of data.train (the same split)
-        items = split_eval(items, cfg.data.eval_fraction, cfg.train.seed)[1]
-    if not items:
-        why = report.summary() if report.skipped else "data.eval_fraction holds out none" if held_out else "empty"
-        raise InputError(f"{path}: no pairs to evaluate ({why})")
+        items = split_eval(items, cfg.data.eval_fraction, cfg.train.seed, source=path)[1]
     device = pick_device(cfg)
     precision = resolve_precision(cfg, device)
     reference = None

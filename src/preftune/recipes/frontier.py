@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, load_config
 from preftune.eval.sentiment_task import DemoSettings
-from preftune.recipes.common import refuse_unread, register_experiment, reused_or_run
+from preftune.recipes.common import refuse_what_the_arms_do_not_take, register_experiment, reused_or_run
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,12 @@ def _ppo_points(method: str, setting: str, run_dir: Path) -> list[dict]:
 
 # DPO settings of the shared data/train sections that an SFT arm cannot take (sft refuses them): padded rows
 SFT_ARM = ("train.layout=padded", "data.max_pairs_per_prompt=null")
+
+
+def arm_placement(train: TrainConfig) -> dict:
+    """Where a PPO arm computes, as the experiment's other arms do: the train section's precision, device and tf32
+    where they are set (only those go into its reuse key, so that the keys of earlier arms stay valid)."""
+    return {k: v for k, v in _changed(train, TrainConfig()).items() if k in ("precision", "device", "tf32")}
 
 
 def _sub_config(cfg: FrontierConfig, run_dir: Path, overrides: list[str], base) -> object:
@@ -238,8 +244,7 @@ class _Frontier:
         from preftune.recipes.ppo import PPORunConfig, run as run_ppo
 
         f, cfg, setting = self.f, self.cfg, f"kl_coef={coef}"
-        # where it computes, as the other arms do (in its key only when set, so that earlier keys stay valid)
-        where = {k: v for k, v in _changed(cfg.train, TrainConfig()).items() if k in ("precision", "device", "tf32")}
+        where = arm_placement(cfg.train)
         run_dir = self.root / "runs" / f"{method.lower()}-{coef}"
         overrides = [f"train.seed={cfg.train.seed}", "train.progress=false",
                      f"train.num_threads={cfg.train.num_threads if cfg.train.num_threads else 'null'}",
@@ -283,11 +288,8 @@ def run(cfg: FrontierConfig, *, out: str | None = None) -> dict:
     from preftune.recipes.sft import SFTRunConfig, run as run_sft
     from preftune.train.runtime import setup_threads
 
-    refuse_unread(cfg, "frontier", {
-        "dpo": "its DPO arms use the sigmoid loss at each beta of frontier.dpo_betas",
-        "reference": "every arm is held against `model`, a frozen copy", "lora": "its arms train every weight",
+    refuse_what_the_arms_do_not_take(cfg, "frontier", "`model`", {
         "ref_model": "`model` is every arm's start and reference, and samples the pairs and the KL",
-        "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used",
         "data.train": "it trains on the pairs it builds", "data.eval": "it evaluates on held-out prompts",
         "frontier.temperature": "samples are drawn at temperature 1, which the KL estimate needs"})
     check_pairing(cfg.frontier, "frontier")

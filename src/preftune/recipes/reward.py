@@ -84,8 +84,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     from preftune.train.loop import fit
     from preftune.train.trackers import close_trackers
     from preftune.train.objectives import evaluate_reward, pair_weight, reward_step
-    from preftune.train.runtime import (compile_in_place, pick_device, prepare_for_training, resolve_precision,
-                                       setup_threads)
+    from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
     check_config(cfg)
     setup_threads(cfg)
@@ -103,9 +102,7 @@ def run(cfg: RewardRunConfig, *, resume: bool = False) -> dict:
     model.info.update(base_model=cfg.model, append_eos=d.append_eos,
                       max_length=d.max_length, max_prompt_tokens=d.max_prompt_tokens)
     model = model.to(procs.load_device(device))  # FSDP2: sharded onto the device by procs.wrap
-    prepare_for_training(model.backbone, cfg)
-    if cfg.train.compile:
-        compile_in_place(model.backbone, procs)
+    prepare_for_training(model.backbone, cfg, procs)
     pad_id = tokenizer.pad_token_id
     stepped = procs.wrap(model, cfg.train) if procs.world > 1 else model  # FSDP2 shards it in place: stepped is model
     eval_fn = None

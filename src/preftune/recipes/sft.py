@@ -59,8 +59,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     from preftune.train.distributed import Processes, check_sharding
     from preftune.train.loop import fit
     from preftune.train.objectives import evaluate_examples, sft_step, token_weight
-    from preftune.train.runtime import (compile_in_place, pick_device, prepare_for_training, resolve_precision,
-                                       setup_threads)
+    from preftune.train.runtime import pick_device, prepare_for_training, resolve_precision, setup_threads
 
     check_config(cfg)
     setup_threads(cfg)
@@ -75,9 +74,7 @@ def run(cfg: SFTRunConfig, *, resume: bool = False) -> dict:
     model = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    model = prepare_for_training(model.to(procs.load_device(device)), cfg)
-    if cfg.train.compile:
-        compile_in_place(model, procs)
+    model = prepare_for_training(model.to(procs.load_device(device)), cfg, procs)
     pad_id = tokenizer.pad_token_id
     stepped = procs.wrap(LogpsModule(model), cfg.train) if procs.world > 1 else model
     eval_fn = None

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from preftune.config import Config, DataConfig, TrainConfig, config_help
 from preftune.eval.judges import JudgeSettings, check_judge_settings
-from preftune.recipes.common import refuse_unread, register_experiment
+from preftune.recipes.common import refuse_what_the_arms_do_not_take, register_experiment
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +181,13 @@ def _ppo(exp: _Experiment, sft_policy: str, rm_path: str) -> dict:
     from preftune.eval.hh_task import is_single_turn
     from preftune.models.load import load_causal_lm
     from preftune.recipes.common import reused_or_run
-    from preftune.recipes.frontier import _sub_config
+    from preftune.recipes.frontier import _sub_config, arm_placement
     from preftune.recipes.ppo import PPORunConfig, run as run_ppo
 
     w, run_dir = exp.w, exp.root / "runs" / "ppo"
     prompts = list(dict.fromkeys(p.prompt for p in exp.split.train if is_single_turn(p.prompt)))
     settings = {"iterations": w.ppo_iterations, "batch_size": w.ppo_batch_size, "kl_coef": w.ppo_kl_coef}
-    # where it computes, as the other arms do (in its key only when set, so that earlier keys stay valid)
-    placement = {k: getattr(exp.cfg.train, k) for k in ("precision", "device", "tf32")
-                 if getattr(exp.cfg.train, k) != getattr(TrainConfig(), k)}
+    placement = arm_placement(exp.cfg.train)
     where, settings = [f"train.{k}={v}" for k, v in placement.items()], {**settings, **placement}
     overrides = [f"model={sft_policy}", f"ref_model={sft_policy}", f"ppo.scorer=rm:{rm_path}",
                  f"ppo.iterations={w.ppo_iterations}", f"ppo.batch_size={w.ppo_batch_size}",
@@ -274,19 +272,15 @@ def run(cfg: WinrateConfig, *, out: str | None = None) -> dict:
     """Every stage of the module docstring; returns winrate.json's content."""
     from preftune.data.records import write_jsonl
     from preftune.eval.judges import JudgmentCache, build_judge
-    from preftune.recipes.frontier import SFT_ARM
     from preftune.eval.plots import plot_winrate
     from preftune.models.load import load_causal_lm, load_tokenizer
     from preftune.recipes.dpo import run as run_dpo
+    from preftune.recipes.frontier import SFT_ARM
     from preftune.recipes.reward import RewardRunConfig, run as run_reward
     from preftune.recipes.sft import SFTRunConfig, run as run_sft
     from preftune.train.runtime import setup_threads
 
-    refuse_unread(cfg, "winrate", {
-        "dpo": "its DPO arms use the sigmoid loss at each beta of winrate.dpo_betas",
-        "reference": "every arm is held against the Preferred-FT policy, a frozen copy",
-        "lora": "its arms train every weight", "ref_model": "every arm's reference is the Preferred-FT policy",
-        "run.report_to": "its runs report to no tracker", "train.save_final": "its arms' final models are used",
+    refuse_what_the_arms_do_not_take(cfg, "winrate", "the Preferred-FT policy", {
         "data.train": "it reads winrate.data", "data.eval": "it holds out its own test prompts"})
     # the judge is checked now, not after every arm has trained (unset: the judge reward model it trains)
     check_judge_settings(dataclasses.replace(cfg.judge, spec=cfg.judge.spec or "rm:(the judge reward model)"))

@@ -18,7 +18,7 @@ from preftune.models.lora import apply_lora
 from preftune.models.reference import (AdapterReference, FrozenReference, PrecomputedReference, precompute,
                                        weights_identity)
 from preftune.train.distributed import Processes
-from preftune.train.runtime import compile_in_place, prepare_for_training
+from preftune.train.runtime import prepare_for_training
 
 log = logging.getLogger(__name__)
 Reference = FrozenReference | AdapterReference | PrecomputedReference
@@ -85,9 +85,7 @@ def build_policy_and_reference(cfg: Config, loss_fn: PreferenceLoss, tokenizer, 
     policy = load_causal_lm(cfg.model, seed=cfg.train.seed, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora.enabled or mode == "adapter":
         policy = apply_lora(policy, cfg.lora, seed=cfg.train.seed)
-    policy = prepare_for_training(policy.to(procs.load_device(device)), cfg)
-    if cfg.train.compile:
-        compile_in_place(policy, procs)
+    policy = prepare_for_training(policy.to(procs.load_device(device)), cfg, procs)
     reference: Reference | None = {
         "model": lambda: FrozenReference(load_ref().to(procs.load_device(device)), precision,
                                          procs.shard_frozen if procs.sharding != "none" else None),

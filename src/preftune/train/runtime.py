@@ -33,8 +33,9 @@ def pick_device(cfg: Config | None = None, procs: Processes | None = None) -> to
     return device
 
 
-def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """Training-only settings of a model about to be trained, in place:
+def prepare_for_training(model: torch.nn.Module, cfg: Config, procs: Processes | None = None) -> torch.nn.Module:
+    """Training-only settings of a model about to be trained, in place, before it is wrapped for several processes
+    (``procs``):
 
     - ``train.gradient_checkpointing``: recompute each decoder layer's activations in the backward (non-reentrant,
       so LoRA and frozen embeddings need no input-grad hooks);
@@ -43,7 +44,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
       (vocabulary x hidden) zero-filled tensor per step (~10% of a CPU step on SmolLM2). Only when the head shares
       the weight, so the gradient the optimizer sees is always dense, and not under ``train.compile``: inductor
       cannot compile a backward that produces a sparse gradient (``Cannot access storage of SparseTensorImpl``),
-      nor under several processes (DDP reduces dense gradient buckets)."""
+      nor under several processes (DDP reduces dense gradient buckets);
+    - ``train.compile``: the decoder compiled in place (``_compile_in_place``)."""
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "base_model"):
             raise ConfigError(f"config key 'train.gradient_checkpointing': {type(model).__name__} does not support it")
@@ -58,13 +60,14 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module
     if (isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight
             and embedding.weight.requires_grad and not cfg.train.compile and world_size() == 1):
         embedding.sparse = True
+    if cfg.train.compile:
+        _compile_in_place(model, procs)
     return model
 
 
-def compile_in_place(model: torch.nn.Module, procs: Processes | None = None) -> None:
-    """``train.compile``: torch.compile ``model``'s decoder in place, so parameter names (and checkpoints) are
-    unchanged; under FSDP2 each decoder layer is compiled inside its FSDP unit, whose hooks stay eager. Called
-    after ``prepare_for_training`` and before the model is wrapped for several processes."""
+def _compile_in_place(model: torch.nn.Module, procs: Processes | None) -> None:
+    """torch.compile ``model``'s decoder in place, so parameter names (and checkpoints) are unchanged; under FSDP2
+    each decoder layer is compiled inside its FSDP unit, whose hooks stay eager."""
     if procs is not None and procs.sharding == "fsdp2":
         from preftune.train.sharding import transformer_blocks
 
